@@ -1,0 +1,19 @@
+"""hf_posenc: swap the position encoding of a pretrained transformers model.
+
+    import hf_posenc
+    model = hf_posenc.convert(model, "alibi")       # in place, returns the model
+    model.save_pretrained(out); hf_posenc.from_pretrained(out)
+"""
+
+from .attention import ATTN_IMPLEMENTATION, register
+from .config import FORMAT_VERSION, PosEncConfig
+from .convert import convert, from_pretrained, is_converted
+from .registry import available_methods, supported_archs
+
+register()
+
+__version__ = "0.1.0"
+__all__ = [
+    "ATTN_IMPLEMENTATION", "FORMAT_VERSION", "PosEncConfig", "available_methods", "convert", "from_pretrained",
+    "is_converted", "supported_archs",
+]

@@ -1,0 +1,44 @@
+"""Every transformers internal hf_posenc relies on, imported in one place.
+
+If transformers moves one of these, the import here fails with a message naming the internal, and
+``tests/test_seams.py`` says which behaviour broke. Tested range: transformers >=5,<6.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+
+def _internal(module: str, name: str):
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:  # pragma: no cover - only on an unsupported transformers
+        import transformers
+
+        raise ImportError(
+            f"hf_posenc needs the transformers internal `{module}.{name}`, which transformers "
+            f"{transformers.__version__} does not have. hf_posenc is tested with transformers>=5,<6."
+        ) from err
+
+
+AttentionInterface = _internal("transformers.modeling_utils", "AttentionInterface")
+AttentionMaskInterface = _internal("transformers.masking_utils", "AttentionMaskInterface")
+sdpa_mask = _internal("transformers.masking_utils", "sdpa_mask")
+sdpa_attention_forward = _internal("transformers.integrations.sdpa_attention", "sdpa_attention_forward")
+repeat_kv = _internal("transformers.integrations.sdpa_attention", "repeat_kv")
+ROPE_INIT_FUNCTIONS = _internal("transformers.modeling_rope_utils", "ROPE_INIT_FUNCTIONS")
+_T5Attention = _internal("transformers.models.t5.modeling_t5", "T5Attention")
+_active_collector = _internal("transformers.utils.output_capturing", "_active_collector")
+
+
+def t5_relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int, max_distance: int):
+    """transformers' T5 bucketing of ``relative_position = key_pos - query_pos`` (any shape, long)."""
+    return _T5Attention._relative_position_bucket(
+        relative_position, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
+
+
+def attention_weights_requested() -> bool:
+    """True inside a forward called with ``output_attentions=True`` (transformers' output collector)."""
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected

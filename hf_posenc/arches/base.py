@@ -1,0 +1,90 @@
+"""What hf_posenc needs to know about a model family, as data plus a few small module swaps.
+
+An arch spec knows no method: it says which modules are self-attention, where the native position code
+lives and how to switch it off, and how to read heads / kv-heads / head size from the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    model_types: tuple[str, ...]
+    attention_classes: tuple[str, ...]  # class names of the self-attention modules to wire
+    position_table: str | None = None  # learned absolute table under the base model (nn.Embedding), if any
+    rotary: str | None = None  # native rotary module under the base model, if any
+    decoder_layers: str | None = None  # ModuleList of layers under the base model (for Llama-style embeds)
+    is_causal: Callable[[object], bool] = lambda config: True
+    is_cross_attention: Callable[[nn.Module], bool] = lambda module: False
+    extend_limit: Callable[[nn.Module, int], None] | None = None  # family-specific length buffers
+    example_classes: tuple[str, ...] = field(default=())  # head classes the tests exercise
+
+    def num_kv_heads(self, config) -> int:
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+    def head_dim(self, config) -> int:
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def attention_modules(self, base_model: nn.Module) -> list[nn.Module]:
+        return [
+            m
+            for m in base_model.modules()
+            if type(m).__name__ in self.attention_classes and not self.is_cross_attention(m)
+        ]
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def rms(weight: torch.Tensor) -> float:
+    return float(weight.detach().float().pow(2).mean().sqrt())
+
+
+class ZeroPositions(nn.Module):
+    """Stands in for a removed learned position table: adds nothing, at any length."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.zero = nn.Buffer(torch.zeros(hidden_size, dtype=dtype), persistent=False)  # (E,)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.zero.expand(*position_ids.shape, -1)  # (B, L, E), no memory
+
+
+class MethodPositions(nn.Module):
+    """Stands in for a learned position table with an absolute method's ``embed`` (e.g. sinusoidal)."""
+
+    def __init__(self, method: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.__dict__["method"] = method  # unregistered: the method lives under base_model.posenc
+        self.dtype_ref = nn.Buffer(torch.zeros(0, dtype=dtype), persistent=False)  # follows .to(dtype)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.method.embed(position_ids).to(self.dtype_ref.dtype)  # (B, L, E)
+
+
+class IdentityRotary(nn.Module):
+    """Stands in for a Llama-style rotary embedding: cos = 1, sin = 0, so ``apply_rotary_pos_emb`` is a no-op.
+    The rotary is applied before the cache update, so this also keeps cached keys unrotated."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.head_dim = head_dim
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (*position_ids.shape, self.head_dim)  # (B, L, D)
+        one = torch.ones((), dtype=x.dtype, device=x.device).expand(shape)
+        return one, torch.zeros((), dtype=x.dtype, device=x.device).expand(shape)

@@ -1,0 +1,25 @@
+"""BERT: learned absolute ``embeddings.position_embeddings``, bidirectional (causal only as a decoder)."""
+
+import torch
+
+from .base import ArchSpec
+
+
+def extend_bert_buffers(base_model, max_positions: int) -> None:
+    """BertEmbeddings slices ``position_ids`` and gathers ``token_type_ids`` from buffers of the old length."""
+    embeddings = base_model.embeddings
+    device = embeddings.position_ids.device
+    position_ids = torch.arange(max_positions, device=device).expand((1, -1))
+    embeddings.register_buffer("position_ids", position_ids, persistent=False)
+    embeddings.register_buffer("token_type_ids", torch.zeros_like(position_ids), persistent=False)
+
+
+BERT = ArchSpec(
+    family="bert",
+    model_types=("bert",),
+    attention_classes=("BertSelfAttention",),
+    position_table="embeddings.position_embeddings",
+    is_causal=lambda config: bool(getattr(config, "is_decoder", False)),
+    extend_limit=extend_bert_buffers,
+    example_classes=("BertForMaskedLM", "BertModel", "BertForSequenceClassification"),
+)

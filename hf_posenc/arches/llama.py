@@ -1,0 +1,12 @@
+"""Llama-style decoders (Llama, Mistral, Qwen2): native RoPE applied before the cache update, GQA."""
+
+from .base import ArchSpec
+
+LLAMA = ArchSpec(
+    family="llama",
+    model_types=("llama", "mistral", "qwen2"),
+    attention_classes=("LlamaAttention", "MistralAttention", "Qwen2Attention"),
+    rotary="rotary_emb",
+    decoder_layers="layers",
+    example_classes=("LlamaForCausalLM",),
+)

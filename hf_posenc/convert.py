@@ -1,0 +1,225 @@
+"""``convert(model, method, **options)`` swaps a model's position method in place; ``from_pretrained(path)``
+rebuilds a saved converted model. Everything that can fail is checked before the model is touched."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, PreTrainedModel
+
+from .arches.base import ArchSpec, IdentityRotary, MethodPositions, ZeroPositions, rms, set_submodule
+from .attention import ATTN_IMPLEMENTATION, attach_method, register
+from .config import PosEncConfig
+from .methods.base import ModelShape, PositionMethod
+from .registry import arch_for, method_class
+
+METHOD_MODULE = "posenc"  # the method (and its learned tables) is registered as base_model.posenc
+
+
+def model_shape(spec: ArchSpec, model: PreTrainedModel) -> ModelShape:
+    config, base = model.config, model.base_model
+    table = base.get_submodule(spec.position_table) if spec.position_table else None
+    rope_parameters = getattr(config, "rope_parameters", None) or {}
+    return ModelShape(
+        num_heads=config.num_attention_heads,
+        num_kv_heads=spec.num_kv_heads(config),
+        head_dim=spec.head_dim(config),
+        hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers,
+        causal=spec.is_causal(config),
+        original_max_positions=config.max_position_embeddings,
+        native_rotary=spec.rotary is not None,
+        native_rope_theta=rope_parameters.get("rope_theta") if spec.rotary else None,
+        replaced_position_rms=rms(table.weight) if isinstance(table, nn.Embedding) else None,
+        token_embedding_rms=rms(model.get_input_embeddings().weight),
+    )
+
+
+def is_converted(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "posenc", None) is not None
+
+
+def convert(model: PreTrainedModel, method: str | PosEncConfig, /, max_position_embeddings: int | None = None,
+            **options: Any) -> PreTrainedModel:
+    """Replace ``model``'s position encoding by ``method`` in place and return the model.
+
+    ``options`` are the method's own (see ``docs/methods.md``); ``max_position_embeddings`` is the new limit
+    written to the config (default 16x the old one, at least 8192). The pretrained weights are kept; the old
+    position table is removed. On any error the model is left unchanged.
+    """
+    register()
+    if isinstance(method, PosEncConfig):
+        if options or max_position_embeddings is not None:
+            raise TypeError("pass options either inside the PosEncConfig or as keyword arguments, not both")
+        posenc = PosEncConfig.from_dict(method.to_dict())
+    else:
+        posenc = PosEncConfig(method, options, max_position_embeddings)
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"convert expects a transformers PreTrainedModel, got {type(model).__name__}")
+    if is_converted(model):
+        raise ValueError(
+            f"this model is already converted to {model.config.posenc['method']!r}; converting twice would stack "
+            "two position methods. Load the original checkpoint again and convert that."
+        )
+    spec = arch_for(model.config)
+    base = model.base_model
+    attention = spec.attention_modules(base)
+    if not attention:
+        raise RuntimeError(
+            f"found no {spec.attention_classes} modules in {type(model).__name__}: the transformers internals "
+            f"hf_posenc relies on for {spec.family!r} have moved (transformers {transformers.__version__})"
+        )
+    shape = model_shape(spec, model)
+    options_obj = posenc.method_options()
+    options_obj.validate(shape)
+    options_obj = options_obj.resolve(shape)
+    new_limit = posenc.max_position_embeddings or max(16 * shape.original_max_positions, 8192)
+    if new_limit < shape.original_max_positions:
+        raise ValueError(
+            f"max_position_embeddings={new_limit} is below the model's current limit {shape.original_max_positions}"
+        )
+    reference = next(model.parameters())
+    position_method = method_class(posenc.method)(options_obj, shape).to(reference.device)
+    position_method.to(reference.dtype)
+    native_rotary = _native_rotary(spec, model, position_method, shape) if spec.rotary else None
+
+    # ---- nothing above touched the model; nothing below can fail on user input ----
+    base.add_module(METHOD_MODULE, position_method)
+    for module in attention:
+        attach_method(module, position_method)
+    _disable_native_positions(spec, model, position_method, native_rotary, reference.dtype)
+    if spec.extend_limit is not None:
+        spec.extend_limit(base, new_limit)
+    model.config.max_position_embeddings = new_limit
+    posenc.options = options_obj.to_dict()
+    posenc.original_max_position_embeddings = shape.original_max_positions
+    posenc.max_position_embeddings = new_limit
+    model.config.posenc = posenc.to_dict()
+    # position-only terms are memoised for one forward and shared by all layers
+    base.register_forward_pre_hook(position_method.clear_memo)
+    base.register_forward_hook(position_method.clear_memo)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+def _native_rotary(spec: ArchSpec, model, method: PositionMethod, shape: ModelShape) -> nn.Module:
+    """The rotary module that replaces a Llama-style model's native one."""
+    old = model.base_model.get_submodule(spec.rotary)
+    if method.rotates and not method.rotate_in_attention:
+        # re-configure the model's own rotary class; it reads the *trained* context as max_position_embeddings
+        config = copy.deepcopy(model.config)
+        config.rope_parameters = method.native_rope_parameters()
+        config.max_position_embeddings = method.options.original_max_positions
+        device = next((b.device for b in old.buffers()), None)
+        return type(old)(config).to(device)
+    return IdentityRotary(shape.head_dim)
+
+
+def _disable_native_positions(spec: ArchSpec, model, method: PositionMethod, rotary, dtype) -> None:
+    base = model.base_model
+    if spec.position_table:
+        table = MethodPositions(method, dtype) if method.embeds else ZeroPositions(model.config.hidden_size, dtype)
+        set_submodule(base, spec.position_table, table.to(next(model.parameters()).device))
+    if rotary is not None:
+        set_submodule(base, spec.rotary, rotary)
+        if method.rotates and not method.rotate_in_attention:
+            model.config.rope_parameters = method.native_rope_parameters()
+    if method.embeds and not spec.position_table:
+        first_layer = base.get_submodule(spec.decoder_layers)[0]
+        first_layer.register_forward_pre_hook(_EmbedBeforeFirstLayer(method), with_kwargs=True)
+
+
+class _EmbedBeforeFirstLayer:
+    """Forward pre-hook: adds an absolute method's embedding to the hidden states entering layer 0
+    (Llama-style models have no position table to replace)."""
+
+    def __init__(self, method: PositionMethod):
+        self.method = method
+
+    def __call__(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = hidden + self.method.embed(kwargs["position_ids"]).to(hidden.dtype)  # (B, L, E)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+
+# ---------------------------------------------------------------------------------------------------------
+def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
+    """Load a model saved after :func:`convert` (``save_pretrained``), with the same weights and logits.
+
+    ``kwargs`` go to transformers' ``from_pretrained`` (``dtype``, ``device_map``, ...).
+    """
+    hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path, **hub_kwargs)
+    stored = getattr(config, "posenc", None)
+    if stored is None:
+        raise ValueError(
+            f"{path} is not an hf_posenc checkpoint (its config has no 'posenc' entry). Load it with transformers' "
+            "from_pretrained and call hf_posenc.convert(model, method)."
+        )
+    posenc = PosEncConfig.from_dict(stored)
+    arch_for(config)
+    model_class = _model_class(config)
+    # build the unconverted model (old limit, old position table) from the saved weights, then convert it
+    config.max_position_embeddings = posenc.original_max_position_embeddings
+    del config.posenc
+    quiet = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # expected: the old table is missing, the new tables unexpected
+    try:
+        model = model_class.from_pretrained(path, config=config, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(quiet)
+    before = set(model.state_dict())
+    convert(model, posenc)
+    new_keys = [k for k in model.state_dict() if k not in before]
+    if new_keys:
+        _load_tensors(model, path, new_keys, hub_kwargs)
+    return model
+
+
+def _model_class(config) -> type[PreTrainedModel]:
+    names = getattr(config, "architectures", None) or []
+    for name in names:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    raise ValueError(f"config.architectures={names} names no transformers class; cannot rebuild the model")
+
+
+def _load_tensors(model: nn.Module, path, keys: list[str], hub_kwargs: dict) -> None:
+    """Copy the converted model's new parameters (T5 / Shaw tables) from the saved safetensors files."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    def resolve(name):
+        return cached_file(path, name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+
+    index = resolve("model.safetensors.index.json")
+    if index:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = {key: resolve(weight_map[key]) for key in keys if key in weight_map}
+    else:
+        single = resolve("model.safetensors")
+        files = {key: single for key in keys} if single else {}
+    missing = [k for k in keys if k not in files]
+    state = {}
+    for key, file in files.items():
+        with safe_open(file, framework="pt") as f:
+            if key not in f.keys():
+                missing.append(key)
+                continue
+            state[key] = f.get_tensor(key)
+    if missing:
+        raise ValueError(f"{path} lacks the position-method weights {missing}; was it saved after convert()?")
+    reference = dict(model.state_dict())
+    with torch.no_grad():
+        for key, tensor in state.items():
+            reference[key].copy_(tensor)

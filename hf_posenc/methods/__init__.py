@@ -1,0 +1,15 @@
+"""Position methods: one file each, one contract (see :mod:`hf_posenc.methods.base`)."""
+
+from .alibi import Alibi, AlibiOptions, alibi_slopes
+from .base import MethodOptions, ModelShape, PositionMethod
+from .nope import Nope, NopeOptions
+from .rope import Rope, RopeOptions
+from .shaw import Shaw, ShawOptions
+from .sinusoidal import Sinusoidal, SinusoidalOptions
+from .t5_bias import T5Bias, T5BiasOptions
+
+__all__ = [
+    "Alibi", "AlibiOptions", "alibi_slopes", "MethodOptions", "ModelShape", "PositionMethod", "Nope",
+    "NopeOptions", "Rope", "RopeOptions", "Shaw", "ShawOptions", "Sinusoidal", "SinusoidalOptions", "T5Bias",
+    "T5BiasOptions",
+]

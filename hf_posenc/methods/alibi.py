@@ -1,0 +1,51 @@
+"""ALiBi (Press et al., 2022): a fixed, per-head linear penalty on query-key distance, no learned parameters.
+
+bias[h, i, j] = -slope[h] * |i - j|. For causal models only j <= i survives the mask, so this is the paper's
+-slope * (i - j); encoders get the symmetric |i - j|.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import MethodOptions, ModelShape, PositionMethod, check_range, help_field
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """(H,) geometric slopes starting at 2^(-8/n). For H not a power of two, BLOOM's convention: the slopes of
+    the nearest lower power of two, then every other slope of the next power of two."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = base ** torch.arange(1, closest + 1, dtype=torch.float64)
+    if closest != num_heads:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        remaining = min(closest, num_heads - closest)
+        extra = extra_base ** torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.float64)
+        slopes = torch.cat([slopes, extra])
+    return slopes.float()
+
+
+@dataclass
+class AlibiOptions(MethodOptions):
+    slope_scale: float = help_field(1.0, "multiplies every head's slope (1.0 = the paper's slopes); > 0")
+
+    def validate(self, shape=None):
+        check_range("slope_scale", self.slope_scale, 1e-6)
+
+
+class Alibi(PositionMethod):
+    name = "alibi"
+    Options = AlibiOptions
+    has_score_bias = True
+
+    def __init__(self, options: AlibiOptions, shape: ModelShape):
+        super().__init__(options, shape)
+        slopes = alibi_slopes(shape.num_heads) * options.slope_scale
+        self.slopes = torch.nn.Buffer(slopes, persistent=False)  # (H,) fixed, derived from the config
+
+    def score_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        distance = (q_pos[:, None] - k_pos[None, :]).abs().float()  # (Lq, Lk)
+        return -self.slopes.float()[:, None, None] * distance  # (H, Lq, Lk)

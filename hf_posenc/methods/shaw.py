@@ -1,0 +1,63 @@
+"""Shaw et al. (2018) relative position representations, on keys and values, per layer.
+
+e_ij = q_i (k_j + a^K_{c(j-i)})^T * scaling,   z_i = sum_j p_ij (v_j + a^V_{c(j-i)}),
+c(d) = clip(d, -R, R). Tables (2R+1, D) are shared by the heads of a layer, one pair per layer. Both start at
+zero, so a freshly converted model computes exactly NoPE attention and fine-tuning grows the tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import MethodOptions, ModelShape, PositionMethod, check_range, help_field
+
+
+@dataclass
+class ShawOptions(MethodOptions):
+    max_distance: int = help_field(16, "clip distance R: pairs farther apart than R share the edge table entry; >= 1")
+
+    def validate(self, shape=None):
+        check_range("max_distance", self.max_distance, 1, integer=True)
+
+
+class ShawTables(nn.Module):
+    def __init__(self, num_distances: int, head_dim: int):
+        super().__init__()
+        self.keys = nn.Parameter(torch.zeros(num_distances, head_dim))  # (2R+1, D) a^K
+        self.values = nn.Parameter(torch.zeros(num_distances, head_dim))  # (2R+1, D) a^V
+
+
+class Shaw(PositionMethod):
+    name = "shaw"
+    Options = ShawOptions
+    has_relative_kv = True
+
+    def __init__(self, options: ShawOptions, shape: ModelShape):
+        super().__init__(options, shape)
+        n = 2 * options.max_distance + 1
+        self.layers = nn.ModuleList(ShawTables(n, shape.head_dim) for _ in range(shape.num_layers))
+
+    def distance_index(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """(Lq, Lk) index into the tables: clip(j - i, -R, R) + R. Shared by all layers."""
+        r = self.options.max_distance
+
+        def build():
+            return (k_pos[None, :] - q_pos[:, None]).clamp(-r, r) + r
+
+        return self.shared(("shaw_index", q_pos.numel(), k_pos.numel(), k_pos.device), build)
+
+    def key_term(self, q, layer_idx, q_pos, k_pos):
+        # q (B,H,Lq,D) @ a^K (D, 2R+1) -> (B,H,Lq,2R+1), then pick each pair's distance -> (B,H,Lq,Lk)
+        per_distance = q @ self.layers[layer_idx].keys.to(q.dtype).T
+        index = self.distance_index(q_pos, k_pos).expand(*q.shape[:2], -1, -1)
+        return per_distance.gather(-1, index)
+
+    def value_term(self, probs, layer_idx, q_pos, k_pos):
+        # sum probabilities per clipped distance: (B,H,Lq,Lk) -> (B,H,Lq,2R+1), then @ a^V -> (B,H,Lq,D)
+        index = self.distance_index(q_pos, k_pos).expand_as(probs)
+        per_distance = probs.new_zeros(*probs.shape[:-1], 2 * self.options.max_distance + 1)
+        per_distance = per_distance.scatter_add(-1, index, probs)
+        return per_distance @ self.layers[layer_idx].values.to(probs.dtype)

@@ -1,0 +1,73 @@
+"""T5 relative position bias (Raffel et al.): a learned scalar per (bucket, head), shared by all layers.
+
+Distances k - q are bucketed: exact below num_buckets/2 (/4 each way for encoders), log-spaced up to
+max_distance, clipped beyond. The bucketing is transformers' own ``T5Attention._relative_position_bucket``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._seams import t5_relative_position_bucket
+from .alibi import alibi_slopes
+from .base import MethodOptions, ModelShape, PositionMethod, check_range, help_field
+
+
+@dataclass
+class T5BiasOptions(MethodOptions):
+    num_buckets: int = help_field(32, "number of distance buckets (T5 uses 32); >= 2")
+    max_distance: int = help_field(128, "distance beyond which all pairs share the last bucket; >= 2")
+    init: str = help_field(
+        "alibi",
+        "initial table: 'alibi' (each bucket gets -slope_h * its smallest distance, so the retrofit starts "
+        "from a working recency bias) or 'zeros' (starts as NoPE)",
+    )
+
+    def validate(self, shape=None):
+        check_range("num_buckets", self.num_buckets, 2, integer=True)
+        check_range("max_distance", self.max_distance, 2, integer=True)
+        if self.init not in ("alibi", "zeros"):
+            raise ValueError(f"option 'init' must be one of ['alibi', 'zeros'], got {self.init!r}")
+
+
+class T5Bias(PositionMethod):
+    name = "t5"
+    Options = T5BiasOptions
+    has_score_bias = True
+
+    def __init__(self, options: T5BiasOptions, shape: ModelShape):
+        super().__init__(options, shape)
+        self.relative_attention_bias = nn.Embedding(options.num_buckets, shape.num_heads)  # (buckets, H)
+        with torch.no_grad():
+            self.relative_attention_bias.weight.copy_(self._initial_table())
+
+    def bucket(self, relative_position: torch.Tensor) -> torch.Tensor:
+        return t5_relative_position_bucket(
+            relative_position,
+            bidirectional=not self.shape.causal,
+            num_buckets=self.options.num_buckets,
+            max_distance=self.options.max_distance,
+        )
+
+    def _initial_table(self) -> torch.Tensor:
+        opts = self.options
+        if opts.init == "zeros":
+            return torch.zeros(opts.num_buckets, self.shape.num_heads)
+        # smallest |distance| that lands in each bucket; buckets no distance reaches keep the largest one
+        span = 4 * opts.max_distance
+        distance = torch.arange(-span, span + 1)
+        buckets = self.bucket(distance)
+        smallest = torch.full((opts.num_buckets,), float(span))
+        smallest = smallest.scatter_reduce(0, buckets, distance.abs().float(), reduce="amin")
+        return -smallest[:, None] * alibi_slopes(self.shape.num_heads)[None, :]  # (buckets, H)
+
+    def score_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        # k - q only takes Lk + Lq - 1 values (q_pos are the last Lq of k_pos): look those up, then gather
+        q_len, k_len = q_pos.numel(), k_pos.numel()
+        distances = torch.arange(-(k_len - 1), q_len, device=k_pos.device)  # (Lk+Lq-1,)
+        per_distance = self.relative_attention_bias(self.bucket(distances))  # (Lk+Lq-1, H)
+        index = k_pos[None, :] - q_pos[:, None] + (k_len - 1)  # (Lq, Lk) into per_distance
+        return per_distance[index].permute(2, 0, 1)  # (H, Lq, Lk)
