@@ -67,9 +67,9 @@ def check_range(name: str, value: Any, low: float, high: float | None = None, in
     kind = int if integer else (int, float)
     bad_type = isinstance(value, bool) or not isinstance(value, kind)
     if bad_type or value < low or (high is not None and value > high):
-        span = f"[{low}, {high}]" if high is not None else f">= {low}"
+        span = f"in [{low}, {high}]" if high is not None else f">= {low}"
         what = "an integer" if integer else "a number"
-        raise ValueError(f"option '{name}' must be {what} in {span}, got {value!r}")
+        raise ValueError(f"option '{name}' must be {what} {span}, got {value!r}")
 
 
 class PositionMethod(nn.Module):

@@ -1,0 +1,117 @@
+"""Bad input gets a clear error that names the fix, and leaves the model exactly as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from tiny_models import tiny_model
+
+import hf_posenc
+
+
+def snapshot(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        model.config.to_dict(),
+        model.config._attn_implementation,
+        [type(m).__name__ for m in model.modules()],
+    )
+
+
+def assert_unchanged(model, before):
+    state, config, attn, modules = before
+    after = snapshot(model)
+    assert after[1] == config
+    assert after[2] == attn
+    assert after[3] == modules
+    assert state.keys() == after[0].keys()
+    for key in state:
+        assert torch.equal(state[key], after[0][key]), key
+
+
+@pytest.mark.parametrize(
+    "method, options, message",
+    [
+        ("alibii", {}, "known methods: alibi, rope, t5, shaw, sinusoidal, nope"),
+        ("rope", {"scaling": "ntk"}, "option 'scaling' must be one of"),
+        ("rope", {"factor": 0.5}, "option 'factor' must be a number >= 1.0, got 0.5"),
+        ("rope", {"scaling": "yarn"}, "option 'factor' must be > 1"),
+        ("rope", {"fraction": 0.0}, "option 'fraction' must be a number in [1e-09, 1.0], got 0.0"),
+        ("rope", {"fraction": 0.1}, "leaves fewer than 2"),
+        ("rope", {"thetaa": 5.0}, "unknown option(s) ['thetaa'] for method 'rope'; valid options: factor, fraction"),
+        ("t5", {"num_buckets": 1}, "option 'num_buckets' must be an integer >= 2, got 1"),
+        ("t5", {"num_buckets": 3.5}, "option 'num_buckets' must be an integer"),
+        ("t5", {"init": "random"}, "option 'init' must be one of ['alibi', 'zeros']"),
+        ("shaw", {"max_distance": 0}, "option 'max_distance' must be an integer >= 1, got 0"),
+        ("alibi", {"slope_scale": -1}, "option 'slope_scale'"),
+        ("sinusoidal", {"base": 1}, "option 'base'"),
+        ("nope", {"anything": 1}, "unknown option(s) ['anything'] for method 'nope'; valid options: (none)"),
+    ],
+)
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_bad_method_or_option_is_named_and_model_untouched(family, method, options, message):
+    model = tiny_model(family)
+    before = snapshot(model)
+    with pytest.raises(ValueError) as err:
+        hf_posenc.convert(model, method, **options)
+    assert message in str(err.value)
+    assert_unchanged(model, before)
+
+
+def test_bad_position_limit_is_refused():
+    model = tiny_model("gpt2")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="below the model's current limit 64"):
+        hf_posenc.convert(model, "alibi", max_position_embeddings=32)
+    with pytest.raises(ValueError, match="max_position_embeddings must be a positive integer"):
+        hf_posenc.convert(model, "alibi", max_position_embeddings="big")
+    assert_unchanged(model, before)
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    config = transformers.OPTConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, ffn_dim=32,
+                                    vocab_size=50, max_position_embeddings=32, word_embed_proj_dim=16)
+    model = transformers.OPTForCausalLM(config)
+    before = snapshot(model)
+    with pytest.raises(ValueError) as err:
+        hf_posenc.convert(model, "alibi")
+    assert "unsupported architecture 'opt'" in str(err.value)
+    assert "['gpt2', 'bert', 'llama', 'mistral', 'qwen2']" in str(err.value)
+    assert_unchanged(model, before)
+
+
+def test_not_a_transformers_model():
+    with pytest.raises(TypeError, match="expects a transformers PreTrainedModel"):
+        hf_posenc.convert(torch.nn.Linear(2, 2), "alibi")
+
+
+@pytest.mark.parametrize("second", ["alibi", "rope"])
+def test_converting_twice_is_a_clear_error(second):
+    model = hf_posenc.convert(tiny_model("gpt2"), "t5")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="already converted to 't5'.*Load the original checkpoint"):
+        hf_posenc.convert(model, second)
+    assert_unchanged(model, before)
+
+
+def test_from_pretrained_on_a_plain_checkpoint_says_what_to_do(tmp_path):
+    tiny_model("gpt2").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not an hf_posenc checkpoint.*hf_posenc.convert"):
+        hf_posenc.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_refuses_a_newer_format(tmp_path):
+    model = hf_posenc.convert(tiny_model("gpt2"), "alibi")
+    model.config.posenc["format_version"] = hf_posenc.FORMAT_VERSION + 1
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="newer hf_posenc"):
+        hf_posenc.from_pretrained(tmp_path)
+
+
+def test_posenc_config_object_is_accepted_once():
+    config = hf_posenc.PosEncConfig("rope", {"scaling": "linear", "factor": 2.0})
+    model = hf_posenc.convert(tiny_model("gpt2"), config)
+    assert model.config.posenc["options"]["factor"] == 2.0
+    with pytest.raises(TypeError, match="not both"):
+        hf_posenc.convert(tiny_model("gpt2"), config, factor=3.0)

@@ -1,0 +1,143 @@
+"""Seam tests: each transformers internal hf_posenc relies on, checked directly. When one fails after a
+transformers upgrade, its message names the internal that moved and what hf_posenc uses it for."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import transformers
+from tiny_models import OLD_LIMIT, tiny_model
+
+import hf_posenc
+from hf_posenc import _seams
+from hf_posenc.attention import ATTN_IMPLEMENTATION
+
+
+def moved(internal: str, use: str) -> str:
+    return f"transformers {transformers.__version__}: internal `{internal}` moved or changed; hf_posenc uses it {use}"
+
+
+def test_transformers_is_in_the_tested_range():
+    major = int(transformers.__version__.split(".")[0])
+    assert major == 5, "hf_posenc is tested with transformers>=5,<6 (pyproject pins it)"
+
+
+def test_attention_and_mask_registries_know_us():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert ALL_ATTENTION_FUNCTIONS[ATTN_IMPLEMENTATION] is hf_posenc.attention.posenc_attention_forward, moved(
+        "AttentionInterface.register", "to install the hf_posenc attention function"
+    )
+    assert ATTN_IMPLEMENTATION in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, moved(
+        "AttentionMaskInterface._global_mapping", "so the padding mask reaches the attention function"
+    )
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "llama"])
+def test_attention_function_receives_padding_mask_and_cached_keys(family, monkeypatch):
+    model = hf_posenc.convert(tiny_model(family), "alibi")
+    seen = []
+    original = hf_posenc.attention.biased_mask
+
+    def spy(method, attention_mask, q_pos, k_pos, causal, dtype):
+        seen.append((attention_mask, q_pos.numel(), k_pos.numel()))
+        return original(method, attention_mask, q_pos, k_pos, causal, dtype)
+
+    monkeypatch.setattr(hf_posenc.attention, "biased_mask", spy)
+    x = torch.randint(4, 300, (2, 10))
+    mask = torch.ones_like(x)
+    mask[1, -3:] = 0
+    model(x, attention_mask=mask)
+    assert seen and seen[0][0] is not None and seen[0][0].dtype == torch.bool, moved(
+        "sdpa_mask via AttentionMaskInterface", "to get a boolean padding mask (B, 1, Lq, Lk)"
+    )
+    assert tuple(seen[0][0].shape[-2:]) == (10, 10)
+    if family != "bert":
+        seen.clear()
+        out = model(x[:, :6], use_cache=True)
+        model(x[:, 6:7], cache=out.cache)
+        assert seen[-1][1:] == (1, 7), moved("attention_interface(key=...)", "expecting keys that include the cache")
+
+
+def test_output_collector_reports_requested_attentions(monkeypatch):
+    model = hf_posenc.convert(tiny_model("gpt2"), "alibi")
+    flags = []
+    monkeypatch.setattr(
+        hf_posenc.attention, "attention_weights_requested",
+        lambda: flags.append(_seams.attention_weights_requested()) or flags[-1],
+    )
+    model(torch.randint(4, 300, (1, 5)), output_attentions=True)
+    assert flags and all(flags), moved(
+        "utils.output_capturing._active_collector", "to switch to eager attention when output_attentions=True"
+    )
+    flags.clear()
+    model(torch.randint(4, 300, (1, 5)))
+    assert flags and not any(flags)
+
+
+def test_gpt2_position_table_is_wpe_and_stops_at_n_positions():
+    model = tiny_model("gpt2")
+    assert isinstance(model.transformer.wpe, torch.nn.Embedding), moved("GPT2Model.wpe", "as the table to replace")
+    with pytest.raises(IndexError):
+        model(torch.randint(4, 300, (1, OLD_LIMIT + 1)))
+    assert model.config.n_positions == model.config.max_position_embeddings, moved(
+        "GPT2Config.attribute_map['max_position_embeddings']", "to raise n_positions"
+    )
+
+
+def test_bert_embeddings_layout():
+    embeddings = tiny_model("bert").bert.embeddings
+    assert isinstance(embeddings.position_embeddings, torch.nn.Embedding), moved(
+        "BertEmbeddings.position_embeddings", "as the table to replace"
+    )
+    for name in ("position_ids", "token_type_ids"):
+        assert getattr(embeddings, name).shape[-1] == OLD_LIMIT, moved(
+            f"BertEmbeddings.{name} buffer", "(extended to the new limit)"
+        )
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_llama_style_rotary_is_applied_before_the_cache_update(family):
+    model = tiny_model(family)
+    attention = type(model.model.layers[0].self_attn)
+    source = inspect.getsource(attention.forward)
+    assert "position_embeddings" in source and source.index("apply_rotary_pos_emb") < source.index(".update("), moved(
+        f"{attention.__name__}.forward", "assuming RoPE is applied to keys before they enter the cache"
+    )
+    rotary = model.model.rotary_emb
+    cos, sin = rotary(torch.zeros(1), torch.arange(5)[None])
+    assert cos.shape == (1, 5, model.model.layers[0].self_attn.head_dim), moved(f"{type(rotary).__name__}.forward", "(x, position_ids)")
+    assert "rope_theta" in model.config.rope_parameters, moved("config.rope_parameters", "to read / set RoPE")
+
+
+def test_rope_init_functions_and_t5_buckets_exist():
+    assert {"linear", "dynamic", "yarn"} <= set(_seams.ROPE_INIT_FUNCTIONS), moved("ROPE_INIT_FUNCTIONS", "for scaling")
+    buckets = _seams.t5_relative_position_bucket(torch.arange(-3, 4), bidirectional=True, num_buckets=8,
+                                                  max_distance=16)
+    assert buckets.tolist() == [2, 2, 1, 0, 5, 6, 6], moved("T5Attention._relative_position_bucket", "for T5 bias")
+
+
+def test_sdpa_forward_signature():
+    params = inspect.signature(_seams.sdpa_attention_forward).parameters
+    assert {"is_causal", "scaling", "dropout"} <= set(params), moved("sdpa_attention_forward", "as the SDPA backend")
+
+
+def test_extra_config_field_survives_save_and_load(tmp_path):
+    model = tiny_model("gpt2")
+    model.config.posenc = {"method": "alibi", "options": {}}
+    model.config.save_pretrained(tmp_path)
+    assert transformers.AutoConfig.from_pretrained(tmp_path).posenc == {"method": "alibi", "options": {}}, moved(
+        "PretrainedConfig extra attributes", "to store the method in config.json"
+    )
+
+
+def test_decoder_layers_receive_position_ids():
+    """Llama-style absolute embeddings (sinusoidal) are added before layer 0 from its position_ids kwarg."""
+    model = tiny_model("llama")
+    seen = {}
+    model.model.layers[0].register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    model(torch.randint(4, 300, (1, 5)))
+    assert seen.get("position_ids") is not None, moved("LlamaDecoderLayer(position_ids=...)", "for sinusoidal")
