@@ -41,11 +41,10 @@ class Alibi(PositionMethod):
     Options = AlibiOptions
     has_score_bias = True
 
-    def __init__(self, options: AlibiOptions, shape: ModelShape):
-        super().__init__(options, shape)
-        slopes = alibi_slopes(shape.num_heads) * options.slope_scale
-        self.slopes = torch.nn.Buffer(slopes, persistent=False)  # (H,) fixed, derived from the config
+    def slopes(self, device=None) -> torch.Tensor:
+        """(H,) fp32, derived from the head count (not a buffer, so .to(bfloat16) cannot round them)."""
+        return (alibi_slopes(self.shape.num_heads) * self.options.slope_scale).to(device)
 
     def score_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         distance = (q_pos[:, None] - k_pos[None, :]).abs().float()  # (Lq, Lk)
-        return -self.slopes.float()[:, None, None] * distance  # (H, Lq, Lk)
+        return -self.slopes(k_pos.device)[:, None, None] * distance  # (H, Lq, Lk) fp32

@@ -82,8 +82,8 @@ class Rope(PositionMethod):
             max_position_embeddings=options.original_max_positions,
         )
         self.rope_config.rope_parameters = self.native_rope_parameters()
-        inv_freq, self.attention_scaling = self._inv_freq(seq_len=None)
-        self.inv_freq = torch.nn.Buffer(inv_freq, persistent=False)  # (rot_dim/2,)
+        # frequencies are recomputed in fp32 per forward (rot_dim/2 values): never rounded by .to(bfloat16)
+        _, self.attention_scaling = self._inv_freq(seq_len=None)
 
     @property
     def rotate_in_attention(self) -> bool:
@@ -112,9 +112,8 @@ class Rope(PositionMethod):
         """(cos, sin), each (Lk, rot_dim), for key positions; shared by all layers within a forward."""
 
         def build():
-            inv_freq = self.inv_freq
-            if self.options.scaling == "dynamic":  # NTK base grows with the current length
-                inv_freq, _ = self._inv_freq(seq_len=k_pos.numel(), device=k_pos.device)
+            # dynamic NTK: the base grows with the current length; the others ignore seq_len
+            inv_freq, _ = self._inv_freq(seq_len=k_pos.numel(), device=k_pos.device)
             freqs = k_pos[:, None].float() * inv_freq.float()[None, :]  # (Lk, rot_dim/2)
             emb = torch.cat((freqs, freqs), dim=-1)  # (Lk, rot_dim)
             return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)

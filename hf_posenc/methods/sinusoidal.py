@@ -40,13 +40,9 @@ class Sinusoidal(PositionMethod):
     Options = SinusoidalOptions
     embeds = True
 
-    def __init__(self, options: SinusoidalOptions, shape: ModelShape):
-        super().__init__(options, shape)
-        dim = shape.hidden_size
-        inv_freq = options.base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-        self.inv_freq = torch.nn.Buffer(inv_freq, persistent=False)  # (ceil(E/2),)
-
     def embed(self, position_ids: torch.Tensor) -> torch.Tensor:
-        angles = position_ids[..., None].float() * self.inv_freq  # (B, L, E/2)
+        dim = self.shape.hidden_size
+        exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=position_ids.device) / dim
+        angles = position_ids[..., None].float() * self.options.base**-exponents  # (B, L, ceil(E/2)) fp32
         table = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # (B, L, E) interleaved sin/cos
         return table[..., : self.shape.hidden_size] * self.options.scale
