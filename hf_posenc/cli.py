@@ -25,7 +25,8 @@ def convert_main(argv: list[str]) -> int:
         description="Load a transformers checkpoint, swap its position method, save it. Reload the result with "
         "hf_posenc.from_pretrained(out).",
     )
-    parser.add_argument("--model-path", required=True, help="local directory or hub name of the checkpoint")
+    parser.add_argument("--model-path", required=True,
+                        help="local directory, hub name, or a named offline source (hf-posenc fetch --list)")
     parser.add_argument("--method", required=True, help=f"one of {hf_posenc.available_methods()}")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument(
@@ -39,7 +40,10 @@ def convert_main(argv: list[str]) -> int:
 
     import transformers
 
+    from hf_posenc.sources import resolve_model
+
     options = dict(_parse_option(o, parser) for o in args.option)
+    args.model_path = resolve_model(args.model_path)
     auto_class = getattr(transformers, args.model_class, None)
     if auto_class is None:
         parser.error(f"--model-class {args.model_class!r} is not a transformers class")

