@@ -46,6 +46,16 @@ def ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(4, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def left_pad(x: torch.Tensor, row: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift ``x[row]`` right by ``pad`` tokens (dropping its tail) behind pad id 0; returns (ids, mask)."""
+    padded = x.clone()
+    padded[row, :pad] = 0
+    padded[row, pad:] = x[row, : x.shape[1] - pad]
+    mask = torch.ones_like(padded)
+    mask[row, :pad] = 0
+    return padded, mask
+
+
 def decode_length(case: str) -> int:
     # dynamic NTK re-derives its frequencies from the current length, so past the trained context a cache built at
     # shorter lengths legitimately differs from one full forward (as in transformers' own dynamic RoPE)
@@ -91,11 +101,7 @@ def test_left_padding_changes_nothing(family, case):
     model = converted(family, case)
     x = ids(2, OLD_LIMIT + 12)
     pad = 7
-    padded = x.clone()
-    padded[1, :pad] = 0
-    padded[1, pad:] = x[1, : x.shape[1] - pad]
-    mask = torch.ones_like(padded)
-    mask[1, :pad] = 0
+    padded, mask = left_pad(x, row=1, pad=pad)
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # what generate() passes for left-padded rows
     logits = model(padded, attention_mask=mask, position_ids=position_ids).logits
     alone = model(x[1:, : x.shape[1] - pad]).logits
@@ -109,11 +115,7 @@ def test_left_padded_generate_matches_unpadded(family, case):
     model = converted(family, case)
     x = ids(2, OLD_LIMIT + 4)
     pad = 5
-    padded = x.clone()
-    padded[1, :pad] = 0
-    padded[1, pad:] = x[1, :-pad]
-    mask = torch.ones_like(padded)
-    mask[1, :pad] = 0
+    padded, mask = left_pad(x, row=1, pad=pad)
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     batch = model.generate(padded, attention_mask=mask, **kwargs)
     alone = model.generate(x[1:, :-pad], **kwargs)

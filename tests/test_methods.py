@@ -168,31 +168,26 @@ def test_rope_theta_defaults_to_the_models_own():
     assert gpt2.config.posenc["options"]["theta"] == 10000.0
 
 
-@pytest.mark.parametrize("head", ["GPT2LMHeadModel", "GPT2Model", "GPT2ForSequenceClassification",
-                                  "GPT2ForTokenClassification", "GPT2DoubleHeadsModel"])
-def test_every_gpt2_head_class_converts(head, tmp_path):
-    model = tiny_model("gpt2", head=head)
+HEAD_CLASSES = [
+    ("gpt2", "GPT2LMHeadModel", "logits"), ("gpt2", "GPT2Model", "last_hidden_state"),
+    ("gpt2", "GPT2ForSequenceClassification", "logits"), ("gpt2", "GPT2ForTokenClassification", "logits"),
+    ("gpt2", "GPT2DoubleHeadsModel", "logits"), ("bert", "BertModel", "last_hidden_state"),
+    ("bert", "BertForMaskedLM", "logits"), ("bert", "BertForSequenceClassification", "logits"),
+    ("bert", "BertForTokenClassification", "logits"), ("bert", "BertForQuestionAnswering", "start_logits"),
+    ("llama", "LlamaModel", "last_hidden_state"), ("llama", "LlamaForSequenceClassification", "logits"),
+]
+
+
+@pytest.mark.parametrize("family, head, output", HEAD_CLASSES, ids=[h for _, h, _ in HEAD_CLASSES])
+def test_every_head_class_converts_and_reloads(family, head, output, tmp_path):
+    model = tiny_model(family, head=head)
     hf_posenc.convert(model, "alibi")
     x = torch.randint(4, 300, (1, 2 * OLD_LIMIT + 2))
-    out = model(x)
+    expected = model(x)[output]
     model.save_pretrained(tmp_path)
     again = hf_posenc.from_pretrained(tmp_path).eval()
     assert type(again) is type(model)
-    key = "last_hidden_state" if head == "GPT2Model" else "logits"
-    assert torch.equal(again(x)[key], out[key])
-
-
-@pytest.mark.parametrize("head", ["BertModel", "BertForMaskedLM", "BertForSequenceClassification",
-                                  "BertForTokenClassification", "BertForQuestionAnswering"])
-def test_every_bert_head_class_converts(head, tmp_path):
-    model = tiny_model("bert", head=head)
-    hf_posenc.convert(model, "alibi")
-    x = torch.randint(4, 300, (1, 2 * OLD_LIMIT + 2))
-    out = model(x)
-    model.save_pretrained(tmp_path)
-    again = hf_posenc.from_pretrained(tmp_path).eval()
-    key = {"BertModel": "last_hidden_state", "BertForQuestionAnswering": "start_logits"}.get(head, "logits")
-    assert torch.equal(again(x)[key], out[key])
+    assert torch.equal(again(x)[output], expected)
 
 
 def test_gpt2_cross_attention_is_left_alone():
