@@ -1,0 +1,201 @@
+"""``hf-posenc``: lm-eval's HF model for hf_posenc checkpoints, and :func:`evaluate` for a model in memory.
+
+    --model hf-posenc --model_args pretrained=<converted dir>,max_length=8192
+    --model hf-posenc --model_args pretrained=<plain checkpoint>,posenc=alibi[,<method option>=<value>...]
+
+``max_length`` is honoured as given (lm-eval's ``hf`` model would cap it at the config's position limit only
+when unset). A model that still has a learned absolute position table refuses a ``max_length`` past it, and
+any model refuses a bundled-task input longer than ``max_length``, each with a message saying what to pass.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils_hf import get_dtype
+from torch import nn
+
+import hf_posenc
+from hf_posenc.registry import arch_for, method_class
+
+from .tasks import TASKS_DIR
+from .tasks.common import DEFAULT_LENGTHS, LENGTH_KEY, register_tokenizer
+
+MODEL_NAME = "hf-posenc"
+
+
+class EvalInputError(ValueError):
+    """A model argument that cannot work (missing path, length past a learned position table, ...)."""
+
+
+@register_model(MODEL_NAME)
+class HFPosencLM(HFLM):
+    """lm-eval's ``HFLM`` that loads converted checkpoints with ``hf_posenc.from_pretrained`` and converts plain
+    ones on load when ``posenc=<method>`` is given; the method's options are taken from the other model args
+    (``max_position_embeddings`` included). Everything else is ``HFLM``'s (``peft`` is applied after the
+    conversion, so adapters trained on a converted model load)."""
+
+    def __init__(self, pretrained, posenc: str | None = None, max_position_embeddings: int | None = None,
+                 **kwargs: Any) -> None:
+        options = {}
+        if posenc is not None:
+            fields = method_class(posenc).Options.__dataclass_fields__
+            options = {key: kwargs.pop(key) for key in list(kwargs) if key in fields}
+        elif max_position_embeddings is not None:
+            raise EvalInputError("max_position_embeddings is an option of posenc=<method>; give posenc as well")
+        self._posenc = (posenc, options, max_position_embeddings)
+        if isinstance(pretrained, (str, os.PathLike)):
+            pretrained = _resolve(str(pretrained))
+        try:
+            super().__init__(pretrained=pretrained, **kwargs)
+        except OSError as err:
+            if isinstance(pretrained, str) and not Path(pretrained).exists():
+                raise EvalInputError(
+                    f"cannot load {pretrained!r}: it is not a local directory and the model hub gave: {err}"
+                ) from err
+            raise
+        limit = learned_position_limit(self.model)
+        if limit is not None and self.max_length > limit:
+            raise EvalInputError(
+                f"{self._name()} has learned absolute positions for {limit} tokens, so max_length={self.max_length} "
+                f"would index past its position table. Convert it: add posenc=alibi (or another method) to "
+                f"--model_args, or save a converted copy with `hf-posenc convert`; or lower max_length to {limit}."
+            )
+
+    # -- loading -------------------------------------------------------------------------------------------
+    def _create_model(self, pretrained: str, *, peft: str | None = None, dtype="auto", revision="main",
+                      **kwargs: Any) -> None:
+        method, options, new_limit = self._posenc
+        if getattr(self.config, "posenc", None) is not None:
+            if method is not None:
+                raise EvalInputError(
+                    f"{pretrained} is already converted to {self.config.posenc['method']!r}; drop posenc= from "
+                    "--model_args (converting twice would stack two position methods)"
+                )
+            unsupported = [k for k in ("delta", "autogptq", "gptqmodel", "gguf_file", "tp_plan") if kwargs.get(k)]
+            if unsupported or kwargs.get("parallelize"):
+                raise EvalInputError(f"{unsupported or ['parallelize']} not supported for converted checkpoints")
+            self._model = hf_posenc.from_pretrained(pretrained, dtype=get_dtype(dtype), revision=revision)
+        else:
+            super()._create_model(pretrained, dtype=dtype, revision=revision, **kwargs)
+            if method is not None:
+                hf_posenc.convert(self._model, method, max_position_embeddings=new_limit, **options)
+        if peft:
+            from peft import PeftModel
+
+            self._model = PeftModel.from_pretrained(self._model, peft, revision=revision)
+
+    # -- requests ------------------------------------------------------------------------------------------
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        self._check_fits(requests)
+        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        self._check_fits(requests)
+        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+    def _check_fits(self, requests: Sequence) -> None:
+        """Bundled-task docs carry their length (RULER's carry ``max_length``); an input past ``max_length``
+        would be split (perplexity) or left-truncated (generation) silently."""
+        need, task = 0, None
+        for request in requests:
+            doc = request.doc if isinstance(request.doc, dict) else {}
+            length = doc.get(LENGTH_KEY, doc.get("max_length"))
+            if isinstance(length, int) and length > need:
+                need, task = length, request.task_name
+        if need > self.max_length:
+            limit = learned_position_limit(self.model)
+            hint = (f"; {self._name()} has learned positions for {limit} tokens, so also convert it (posenc=alibi)"
+                    if limit is not None and need > limit else "")
+            raise EvalInputError(
+                f"{task} asks for {need}-token inputs but max_length is {self.max_length}: add "
+                f"max_length={need} to --model_args{hint}"
+            )
+
+    # -- reporting -----------------------------------------------------------------------------------------
+    def get_model_info(self) -> dict:
+        """HFLM's info (no hub look-up for local or in-memory models) plus ``posenc`` and ``trained_length``."""
+        if isinstance(self.pretrained, str) and not Path(self.pretrained).exists():
+            info = super().get_model_info()
+        else:
+            info = {"model_num_parameters": sum(p.numel() for p in self._model.parameters()),
+                    "model_dtype": str(self._model.dtype), "model_revision": self.revision, "model_sha": ""}
+        posenc = getattr(self.model.config, "posenc", None)
+        info["posenc"] = posenc
+        info["trained_length"] = (posenc or {}).get("original_max_position_embeddings") or getattr(
+            self.model.config, "max_position_embeddings", None)
+        return info
+
+    def _name(self) -> str:
+        return self.pretrained if isinstance(self.pretrained, str) else type(self.model).__name__
+
+
+def _resolve(pretrained: str) -> str:
+    """A local path, an ``hf_posenc.sources`` model name (fetched into the cache), or else a hub id."""
+    if Path(pretrained).expanduser().exists():
+        return str(Path(pretrained).expanduser())
+    try:
+        from hf_posenc import sources
+    except ImportError:
+        sources = None
+    if sources is not None and pretrained in getattr(sources, "available", dict)():
+        return str(sources.resolve_model(pretrained))
+    if pretrained.startswith((os.sep, ".", "~")) or pretrained.count("/") > 1:
+        raise EvalInputError(f"model path {pretrained!r} does not exist")
+    return pretrained
+
+
+def learned_position_limit(model: nn.Module) -> int | None:
+    """Size of the model's learned absolute position table if it still has one (unconverted GPT-2 / BERT)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hf_posenc.is_converted(model):
+        return None
+    try:
+        table_path = arch_for(model.config).position_table
+    except ValueError:
+        return None
+    table = model.base_model.get_submodule(table_path) if table_path else None
+    return table.num_embeddings if isinstance(table, nn.Embedding) else None
+
+
+# --- Python API --------------------------------------------------------------------------------------------
+def evaluate(model, tokenizer, tasks: Iterable[str] = ("posenc_ppl",), lengths: Iterable[int] = DEFAULT_LENGTHS,
+             *, max_length: int | None = None, name: str | None = None, metadata: dict | None = None,
+             output_path: str | os.PathLike | None = None, batch_size: int = 1, **kwargs: Any) -> dict:
+    """Run lm-eval on a model already in memory (converted or not) and return lm-eval's results dict.
+
+    ``lengths`` become metadata ``max_seq_lengths``; ``max_length`` defaults to the longest length;
+    ``metadata`` adds task options (``text_file``, ``num_tokens``, ``depths``, ...); ``name`` labels the model in
+    the results (and plots); ``output_path`` also writes the results JSON as ``hf-posenc eval`` does; ``kwargs``
+    go to ``lm_eval.simple_evaluate``. Results: ``results["results"][task]["<length>,none"]``.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.tasks import TaskManager
+
+    lengths, tasks = sorted(int(n) for n in lengths), list(tasks)
+    lm = HFPosencLM(pretrained=model, tokenizer=tokenizer, max_length=max_length or max(lengths),
+                    batch_size=batch_size)
+    task_metadata = {"max_seq_lengths": lengths, "tokenizer": register_tokenizer(tokenizer),
+                     "max_length": lm.max_length, **(metadata or {})}
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=not set(tasks) <= bundled_task_names(),
+                          metadata=task_metadata)
+    name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+    tracker = EvaluationTracker(output_path=str(output_path)) if output_path else None
+    kwargs.setdefault("log_samples", False)
+    results = simple_evaluate(model=lm, model_args={"pretrained": name}, tasks=tasks, task_manager=manager,
+                              evaluation_tracker=tracker, **kwargs)
+    if tracker is not None:
+        tracker.save_results_aggregated(results=results, samples=None)
+    return results
+
+
+def bundled_task_names() -> set[str]:
+    """Names (tasks and the ``posenc`` tag) defined by the YAMLs in TASKS_DIR."""
+    from lm_eval.tasks import TaskManager
+
+    return set(TaskManager(include_path=str(TASKS_DIR), include_defaults=False).all_tasks)
