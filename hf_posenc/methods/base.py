@@ -95,16 +95,26 @@ class PositionMethod(nn.Module):
         self.options = options
         self.shape = shape
         self._memo: dict[tuple, Any] = {}
+        self._share = True
 
     # -- per-forward memo -------------------------------------------------------------------------------
     def shared(self, key: tuple, build: Callable[[], Any]) -> Any:
         """Return ``build()``, computed once per forward of the model and reused by all layers."""
+        if not self._share:
+            return build()
         if key not in self._memo:
             self._memo[key] = build()
         return self._memo[key]
 
     def clear_memo(self, *_args: Any, **_kwargs: Any) -> None:
         self._memo.clear()
+
+    def begin_forward(self, share: bool = True) -> None:
+        """Called before each forward of the model. ``share=False`` under activation checkpointing: a layer that is
+        recomputed in backward must redo exactly what it did in forward, so each layer builds its own terms (in
+        forward the first layer built them; in the recompute, whichever layer runs first would)."""
+        self._memo.clear()
+        self._share = share
 
     def positions(self, q_len: int, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(q_pos (Lq,), k_pos (Lk,)): absolute key indices; the queries are the last Lq keys."""

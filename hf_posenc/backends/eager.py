@@ -1,0 +1,27 @@
+"""Eager backend: explicit softmax attention. The only kernel that returns the probabilities and applies Shaw's
+key/value terms; every backend uses it for ``output_attentions=True``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._seams import repeat_kv
+
+
+def eager_attention(module, method, query, key, value, mask, dropout, scaling, q_pos, k_pos):
+    """Explicit softmax attention that also applies Shaw's key/value terms. Returns (out (B,Lq,H,D), probs)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, H, Lk, D)
+    scores = query @ key.transpose(2, 3)  # (B, H, Lq, Lk)
+    if method.has_relative_kv:
+        scores = scores + method.key_term(query, module.layer_idx, q_pos, k_pos)
+    scores = scores * scaling
+    if mask is not None:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = probs @ value  # (B, H, Lq, D)
+    if method.has_relative_kv:
+        out = out + method.value_term(probs, module.layer_idx, q_pos, k_pos)
+    return out.transpose(1, 2).contiguous(), probs

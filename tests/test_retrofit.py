@@ -1,0 +1,100 @@
+"""``hf-posenc retrofit`` end to end on a tiny model with tiny settings; resume; bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+
+import pytest
+from tiny_models import TEXT, tiny_model
+
+from hf_posenc import retrofit
+
+
+@pytest.fixture()
+def tiny_checkpoint(tmp_path, tiny_tokenizer_dir):
+    path = tmp_path / "tiny-gpt2"
+    tiny_model("gpt2").save_pretrained(path)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, path)
+    return path
+
+
+def run(tmp_path, model, *extra):
+    argv = ["--model", str(model), "--method", "alibi", "--data", str(TEXT), "--heldout", str(TEXT),
+            "--steps", "3", "--seq-len", "32", "--batch-size", "2", "--eval-lengths", "32,64,256",
+            "--eval-tokens", "256", "--passkey-samples", "1", "--out", str(tmp_path / "run"), *extra]
+    return retrofit.main(argv)
+
+
+def test_retrofit_end_to_end_then_resume(tmp_path, tiny_checkpoint, capsys):
+    assert run(tmp_path, tiny_checkpoint) == 0
+    printed = capsys.readouterr().out
+    for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
+        assert stage in printed
+    out = tmp_path / "run"
+    report = (out / "report.md").read_text()
+    assert "| 256 |" in report and "skipped" in report  # the learned GPT-2 table stops at 64
+    original = json.loads((out / "eval" / "original.json").read_text())["scores"]
+    assert original["posenc_ppl"]["256"] == "skipped"
+    assert retrofit.TOO_SHORT == original["posenc_passkey"]["64"]
+    assert isinstance(original["posenc_ppl"]["64"], float)
+    retro = json.loads((out / "eval" / "retrofit-alibi.json").read_text())["scores"]
+    assert all(isinstance(v, float) for v in retro["posenc_ppl"].values())
+    assert (out / "plots" / "perplexity.png").is_file()
+
+    # a second run reuses every stage
+    assert run(tmp_path, tiny_checkpoint) == 0
+    again = capsys.readouterr().out
+    assert "found the fine-tuned model" in again
+    assert again.count("skipping") == 3
+
+
+def test_retrofit_resumes_an_interrupted_finetune(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    from hf_posenc import training
+
+    calls = []
+    real_train = training.train
+
+    def ctrl_c_at_step_2(config):
+        calls.append(config.resume_from)
+        if len(calls) > 1:
+            return real_train(config)
+        # the first run gets a real SIGINT after step 2: the loop checkpoints and reports an interruption
+        return real_train(config, [lambda state: state.step == 2 and os.kill(os.getpid(), signal.SIGINT)])
+
+    monkeypatch.setattr(training, "train", ctrl_c_at_step_2)
+    assert run(tmp_path, tiny_checkpoint, "--steps", "4") == 130
+    assert run(tmp_path, tiny_checkpoint, "--steps", "4") == 0
+    assert calls[0] is None and calls[1].endswith("step-0000002")
+    assert "resuming from" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "alibbi"], "known methods"),
+        (["--method", "alibi", "--eval-lengths", "128,-5"], "positive integers"),
+        (["--method", "alibi", "--eval-lengths", "12x"], "positive integers"),
+        (["--method", "alibi", "--steps", "0"], "--steps must be a positive integer"),
+        (["--method", "alibi", "--model", "no-such-model-dir"], "no-such-model-dir"),
+    ],
+)
+def test_bad_input_fails_before_work(tmp_path, argv, message, capsys):
+    extra = ["--data", str(TEXT), "--heldout", str(TEXT), "--out", str(tmp_path / "o")]
+    if "--model" not in argv:
+        extra += ["--model", str(tmp_path / "missing-but-unused")]
+    assert retrofit.main(argv + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o" / "finetune").exists()
+
+
+def test_too_little_text_is_refused(tmp_path, tiny_checkpoint, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be.")
+    code = retrofit.main(["--model", str(tiny_checkpoint), "--method", "alibi", "--data", str(TEXT),
+                          "--heldout", str(short), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "fewer than one" in capsys.readouterr().err
