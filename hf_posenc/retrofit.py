@@ -26,7 +26,7 @@ DEFAULT_TEXT = "shakespeare"
 # the quick preset: a brief LoRA fine-tune at 256 tokens, scored at 1x / 2x / 4x that
 QUICK = {
     "seq_len": 256, "batch_size": 2, "grad_accum": 1, "max_steps": 20, "lr": 3.0e-4, "warmup_steps": 4,
-    "eval_every": 0, "save_every": 5, "keep_checkpoints": 1, "log_every": 5, "eval_tokens": 1024,
+    "eval_every": 0, "save_every": 10, "keep_checkpoints": 1, "log_every": 5, "eval_tokens": 1024,
     "eval_multipliers": [1], "lora": {"r": 16, "alpha": 32, "target_modules": None},
 }
 QUICK_EVAL = {"lengths": [256, 512, 1024], "num_tokens": 2048, "depths": [0.5], "num_samples": 2}

@@ -67,6 +67,7 @@ def test_full_finetune_lowers_the_loss_and_saves_a_reloadable_model(gpt2_dir, tm
 
     model = hf_posenc.from_pretrained(out)  # the saved model is the trained one
     assert model.config.posenc["method"] == "alibi"
+    assert model.config.use_cache  # training runs without a KV cache; the saved model generates with one
     for length in (32, 128):
         expected = result.final_perplexity[length]
         assert heldout_perplexity(model, tiny_tokenizer, text_path, length) == pytest.approx(expected, rel=1e-4)

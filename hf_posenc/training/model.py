@@ -218,6 +218,7 @@ def save_final(model: nn.Module, tokenizer, out: str | os.PathLike, lora: LoraAr
             model.save_pretrained(out / ADAPTER_DIR)
             model = model.unload()
         state_dict = None
+    model.config.use_cache = True  # off while training (no KV cache needed); the saved model generates with it
     model.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     return out
