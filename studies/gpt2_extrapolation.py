@@ -2,7 +2,7 @@
 retrofit it with every position method, fine-tune each briefly at the same length, and score held-out
 perplexity at 1x ... 16x that length (the shape of the ALiBi paper's table, at our scale).
 
-    python studies/gpt2_extrapolation.py --out runs/study_gpt2            # the full study (about an hour, 2 cores)
+    python studies/gpt2_extrapolation.py --out runs/study_gpt2            # the full study (~45 min, 2 cores)
     python studies/gpt2_extrapolation.py --out /tmp/s --quick             # tiny settings, a minute (tests)
 
 Every stage writes its result under --out and is skipped when the result is there (re-run to resume). The
@@ -29,11 +29,11 @@ class Settings:
     layers: int = 4
     heads: int = 6
     width: int = 192
-    pretrain_steps: int = 600
+    pretrain_steps: int = 500
     pretrain_lr: float = 1e-3
-    retrofit_steps: int = 150
+    retrofit_steps: int = 120
     retrofit_lr: float = 3e-4
-    batch_size: int = 32
+    batch_size: int = 8
     eval_tokens: int = 16384  # held-out tokens per length (whole windows)
     train_tokens: int | None = None  # cap on training tokens (None = the whole split)
 
