@@ -74,12 +74,12 @@ def biased_mask(method, attention_mask, q_pos, k_pos, causal: bool, dtype) -> to
     """(B|1, H, Lq, Lk) = position bias + mask, built once per forward and shared by every layer."""
 
     def build():  # in place where autograd allows: one (B|1, H, Lq, Lk) tensor at the peak, not three
-        bias = method.score_bias(q_pos, k_pos).to(dtype)[None]  # (1, H, Lq, Lk)
-        min_value = torch.finfo(dtype).min
+        bias = method.score_bias(q_pos, k_pos).to(dtype).contiguous()[None]  # (1, H, Lq, Lk); SDPA reads a
+        min_value = torch.finfo(dtype).min  # permuted mask (T5's) several times slower
         if attention_mask is not None and attention_mask.dtype != torch.bool:  # already additive
             return (bias + attention_mask.to(dtype)).clamp_min(min_value)
         if attention_mask is None:
-            if not causal:
+            if not causal or q_pos.numel() == 1:  # a decode step's query sees every key
                 return bias
             hidden = (k_pos[None, :] > q_pos[:, None])[None, None]  # (1, 1, Lq, Lk) the future
         elif attention_mask.shape[0] == 1:
@@ -120,6 +120,8 @@ def posenc_attention_forward(
     if kernel == "sdpa-windowed":
         slopes = flex_kernels.alibi_slopes_of(method, query.device)  # (H,)
         return sdpa_kernels.alibi_windowed_attention(query, key, value, slopes, scaling, dropout), None
+    if kernel == "sdpa-banded":
+        return sdpa_kernels.t5_banded_attention(method, query, key, value, scaling), None
     if kernel == "sdpa-blocked":
         rows = min(sdpa_kernels.BLOCK_ROWS, query.shape[2])
         template = method.shared(

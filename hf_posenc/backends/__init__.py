@@ -3,14 +3,17 @@
 A converted model has one backend name, stored in ``config.posenc["backend"]`` (saved with the model) and on its
 position method (read by the attention function on every call):
 
-- ``"auto"`` (default): the fastest exact kernel for each call, by the measured rules of :func:`choose_kernel`
-  (docs/performance.md has the measurements behind them).
+- ``"auto"`` (default): the fastest exact kernel for each call, by the measured rules of
+  :func:`hf_posenc.backends.dispatch.choose_kernel` (docs/performance.md has the measurements behind them): the
+  native SDPA kernel for methods without a bias, query-block SDPA kernels that never build an (H, L, L) bias for
+  long ALiBi / T5 inputs (ALiBi heads attend only within the window their slope leaves any weight in), one shared
+  bias for short inputs and decode steps, eager for attention weights.
 - ``"sdpa"``: PyTorch SDPA with one float mask (position bias + padding/causal) built once per forward and shared
   by all layers. The simple reference; (B|1, H, Lq, Lk) floats per forward.
-- ``"flex"``: FlexAttention (compiled once, dynamic shapes) with the position bias as a ``score_mod`` and
-  causal/padding as a block-sparse mask; no L x L tensor at all. Single-token decode steps use ``"sdpa"`` (a
-  (1, H, 1, Lk) bias row; no compile per step), and so do calls flex cannot run (backward on CPU, dropout, a
-  method without a flex ``score_mod``).
+- ``"flex"``: FlexAttention (compiled per method kind, then dynamic shapes) with the position bias as a
+  ``score_mod`` and causal/padding as a block-sparse mask; no L x L tensor at all. Single-token decode steps use
+  ``"sdpa"`` (a (1, H, 1, Lk) bias row; no compile per step), and so do calls flex cannot run (backward on CPU,
+  dropout, a method without a flex ``score_mod``, a custom float mask).
 - ``"eager"``: explicit softmax attention.
 Every backend falls back to eager when attention weights are requested (``output_attentions=True``) or the method
 needs the probabilities (Shaw).

@@ -1,20 +1,21 @@
 """Which kernel runs one attention call: the backend the user chose, refined by what the call needs.
 
-Kernels: ``"eager"``, ``"sdpa"`` (one shared float mask), ``"sdpa-blocked"`` and ``"sdpa-folded"`` (query-block
-SDPA kernels of :mod:`.sdpa`), ``"flex"``. The ``auto`` rules below come from the CPU measurements in
-docs/performance.md (B=1, 12 heads, head dim 64, fp32, 2 cores, torch 2.13):
+Kernels: ``"eager"``; ``"sdpa"`` (one shared float mask); the query-block SDPA kernels of :mod:`.sdpa`:
+``"sdpa-windowed"`` (ALiBi), ``"sdpa-banded"`` (T5, inference), ``"sdpa-blocked"`` (any relative bias);
+``"flex"``. The ``auto`` rules below come from the CPU measurements in docs/performance.md (GPT-2 shape: 12 heads
+of 64, fp32, torch 2.13):
 
 1. attention weights requested, or a method that needs the probabilities (Shaw) -> ``eager`` (any backend);
 2. no position bias (RoPE, NoPE, sinusoidal) -> ``sdpa``: the native kernel (``is_causal`` when unpadded);
-3. a relative bias (ALiBi, T5) on a causal model and at least ``BLOCKED_MIN_QUERIES`` queries:
-   a. ALiBi, no autograd, no padding mask, no dropout, fp32 on CPU -> ``sdpa-folded`` (within a few % of the
-      native kernel, no mask at all);
-   b. otherwise -> ``sdpa-blocked`` (causal half of the work, no (H, L, L) bias);
-4. otherwise (short inputs, decode steps, encoders) -> ``sdpa`` with the shared bias: at these sizes building
-   it is cheaper than splitting the call.
-``auto`` never picks ``flex`` on CPU: compiled FlexAttention measured 2-2.5x slower than the native causal kernel
-there (forward; it has no CPU backward). On GPU it is the expected winner for long inputs but was not measured
-here; choose it explicitly with ``backend="flex"``.
+3. a relative bias (ALiBi, T5) on a causal model with at least ``BLOCKED_MIN_QUERIES`` queries:
+   a. ALiBi, no padding mask (with autograd: CPU and no dropout) -> ``sdpa-windowed``;
+   b. T5, no padding mask, no autograd, CPU -> ``sdpa-banded``;
+   c. otherwise (padding, dropout, T5 training) -> ``sdpa-blocked``;
+4. otherwise (short inputs, decode steps, encoders) -> ``sdpa`` with the shared bias: at these sizes one
+   (1, H, Lq, Lk) bias is small and a single call is cheapest; a decode step's bias is one (1, H, 1, Lk) row.
+``auto`` never picks ``flex`` on CPU: FlexAttention compiled by torch 2.13 ran 2-2.5x slower than the native causal
+kernel in isolation and behind the windowed / banded kernels in the model (forward; it has no CPU backward). On GPU
+it is the expected winner for long inputs but was not measured here (no GPU lent): choose ``backend="flex"``.
 """
 
 from __future__ import annotations
@@ -54,7 +55,12 @@ def choose_kernel(backend: str, method, query, key, value, attention_mask, causa
         return "sdpa"
     kind = method_kind(method)
     if causal and kind is not None and query.shape[2] >= BLOCKED_MIN_QUERIES:
-        if kind == "alibi" and attention_mask is None and query.shape[2] >= WINDOWED_MIN_QUERIES:
+        if (
+            kind == "alibi" and attention_mask is None and query.shape[2] >= WINDOWED_MIN_QUERIES
+            and (not grad or sdpa.can_train_windowed(query, dropout))
+        ):
             return "sdpa-windowed"
+        if kind == "t5" and attention_mask is None and not grad and sdpa.can_band(method, query):
+            return "sdpa-banded"
         return "sdpa-blocked"
     return "sdpa"

@@ -1,14 +1,17 @@
 """FlexAttention backend: the position bias as a ``score_mod``, causal and padding as a block-sparse mask.
 
 No L x L tensor is built: ALiBi's score_mod is arithmetic on (q_idx, kv_idx), T5's reads a (H, 2R+1) per-distance
-table (its buckets are constant beyond ``max_distance`` R). ``flex_attention`` is compiled once with dynamic
-shapes, so a new sequence length does not recompile (PyTorch specialises Lq == Lk and Lq != Lk: two graphs per
-model shape and method); single-token decode steps never reach it (see :func:`supports`).
+table (its buckets are constant beyond ``max_distance`` R). ``flex_attention`` is compiled per method kind with
+PyTorch's automatic dynamic shapes: the first call compiles for its lengths, the first call at another length
+recompiles once with dynamic lengths, and after that new lengths do not recompile (measured in
+tests/test_backends.py; a separate graph each for queries after cached keys and for padding masks). Single-token
+decode steps never reach it (see :func:`supports`): they use SDPA with a (1, H, 1, Lk) bias row.
 The block mask is built from block indices directly (not by evaluating the mask on every (q, k) pair) once per
 forward and shared by all layers.
 
-Limits (torch 2.13): no backward on CPU, no dropout. :func:`supports` says when flex can run a call; otherwise the
-dispatcher uses SDPA.
+Limits (torch 2.13, CPU): no backward, no dropout, and slower than the native SDPA kernel (docs/performance.md);
+:func:`supports` says when flex can run a call, otherwise the dispatcher uses SDPA. ``dynamic=True`` from the first
+call fails to build T5's table lookup on CPU in torch 2.13, hence automatic dynamic shapes.
 """
 
 from __future__ import annotations
@@ -44,10 +47,8 @@ def _flex_none(query, key, value, score_mod, block_mask, scale, enable_gqa):
 def compiled_flex_attention(kind: str):
     """``torch.compile`` of flex_attention for one score_mod kind ('alibi', 't5', 'none'), built on first use.
 
-    One function per kind, so each has its own compile cache: with PyTorch's automatic dynamic shapes the first
-    call compiles for its shapes and the first call at another length recompiles once with dynamic lengths; after
-    that no length recompiles. (``dynamic=True`` from the start fails to build on CPU in torch 2.13 with a gather
-    in the score_mod; so does a shared cache, which makes T5's table size dynamic.)
+    One function per kind, so each has its own compile cache and automatic-dynamic state (a cache shared by the
+    kinds makes T5's table size dynamic, which fails to build on CPU in torch 2.13).
     """
     if kind not in _compiled:
         function = {"alibi": _flex_alibi, "t5": _flex_t5, "none": _flex_none}[kind]

@@ -22,8 +22,11 @@ import torch.nn.functional as F
 # Query-block rows. Measured (docs/performance.md): 256 is the fastest of 128/256/512 for the template path at
 # 1k-4k.
 BLOCK_ROWS = 256
-WINDOW_ROWS = 128
 WINDOW_MARGIN = 32.0  # truncated keys carry < exp(-32) / slope of the weight
+EARLY_SQUARE_MAX = 512  # a windowed group's first blocks run as one call while their (G, S, S) bias is this small
+
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_flash_cpu_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
 def query_blocks(q_len: int, rows: int) -> list[tuple[int, int]]:
@@ -36,14 +39,13 @@ def query_blocks(q_len: int, rows: int) -> list[tuple[int, int]]:
 
 # ---- template path ---------------------------------------------------------------------------------------
 def causal_template(method, k_pos: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
-    """(1, H, rows, Lk): bias of the last ``rows`` positions (as queries) against every key, causal mask included
-    (dtype-min above the diagonal)."""
+    """(1, H, rows, Lk), contiguous: bias of the last ``rows`` positions (as queries) against every key, causal mask
+    included (dtype-min above the diagonal)."""
     q_pos = k_pos[-rows:]
-    bias = method.score_bias(q_pos, k_pos).to(dtype)  # (H, rows, Lk)
+    bias = method.score_bias(q_pos, k_pos).to(dtype).contiguous()  # (H, rows, Lk); T5's comes permuted
     future = k_pos[None, :] > q_pos[:, None]  # (rows, Lk)
-    return bias.masked_fill_(future, torch.finfo(dtype).min)[None] if not bias.requires_grad else (
-        bias.masked_fill(future, torch.finfo(dtype).min)[None]
-    )
+    min_value = torch.finfo(dtype).min
+    return (bias.masked_fill(future, min_value) if bias.requires_grad else bias.masked_fill_(future, min_value))[None]
 
 
 def blocked_attention(query, key, value, template, attention_mask, scaling: float, dropout: float,
@@ -86,79 +88,279 @@ def alibi_windows(query, key, slopes: torch.Tensor, scaling: float, limit: int) 
     return [int(w) for w in windows.tolist()]
 
 
-def alibi_bias_block(slopes: torch.Tensor, windows: torch.Tensor, rows: int, width: int, dtype) -> torch.Tensor:
-    """(1, Hg, rows, rows + width): ALiBi bias of ``rows`` consecutive queries against the ``width`` keys before the
-    first query and the ``rows`` keys from it on, per head; causal and each head's window masked."""
-    r = torch.arange(rows, device=slopes.device)[:, None]
-    m = torch.arange(rows + width, device=slopes.device)[None, :]
-    distance = (r + width - m).to(torch.float32)  # (rows, rows + width)
-    bias = distance[None] * -slopes.float()[:, None, None]  # (Hg, rows, rows + width)
+def alibi_bias(slopes: torch.Tensor, windows: torch.Tensor, q_first: int, q_count: int, k_first: int, k_count: int,
+               dtype) -> torch.Tensor:
+    """(1, G, q_count, k_count): ALiBi bias of queries at positions q_first.. against keys at k_first.., with the
+    causal mask and each head's window (distance > window) as dtype-min."""
+    device = slopes.device
+    distance = (
+        torch.arange(q_first, q_first + q_count, device=device)[:, None]
+        - torch.arange(k_first, k_first + k_count, device=device)[None, :]
+    ).to(torch.float32)  # (Lq', Lk')
+    bias = distance[None] * -slopes.float()[:, None, None]  # (G, Lq', Lk')
     hidden = (distance[None] < 0) | (distance[None] > windows.float()[:, None, None])
     return bias.masked_fill_(hidden, torch.finfo(torch.float32).min).to(dtype)[None]
 
 
 def window_rows(width: int) -> int:
-    """Query-block rows for a key window: small blocks waste less of a short window (the block's own causal square
+    """Query-block rows for a key window: small blocks waste less of a short window (a block's own causal square
     is computed in full), long windows run best in larger blocks."""
     return 64 if width <= 256 else 128 if width <= 1024 else BLOCK_ROWS
 
 
+def window_classes(windows: list[int], k_len: int) -> list[tuple[int, list[int]]]:
+    """[(width, heads)]: heads grouped by key window width, each window rounded up to its query-block rows (or all
+    keys). Heads with equal widths, e.g. all that need every key, run together."""
+    classes: dict[int, list[int]] = {}
+    for h, window in enumerate(windows):
+        rows = window_rows(window)
+        classes.setdefault(min(-(-window // rows) * rows, k_len), []).append(h)
+    return sorted(classes.items())
+
+
+def _group_plan(q_len: int, k_len: int, width: int, slopes, windows, dtype) -> list[tuple]:
+    """Calls for one head group. ("slice", a, b, k0, k1, bias): queries [a, b) x keys [k0, k1);
+    ("windows", a, n, rows, k0, bias): n blocks of ``rows`` queries from a, block i over keys k0 + i*rows ...
+    + rows + width (overlapping strided windows, one (G, 1, rows, rows + width) bias for all blocks)."""
+    offset = k_len - q_len
+    rows = window_rows(width)
+    blocks = query_blocks(q_len, rows)
+    steady = [a for a, b in blocks if b - a == rows and offset + a >= width] if width < k_len else []
+    early_end = steady[0] if steady else q_len
+    plan = []
+    # one (1, G, rows, rows + width) bias: a block's queries against the ``width`` keys before it and its own; every
+    # call slices it (the bias depends only on the distance)
+    template = alibi_bias(slopes, windows, width, rows, 0, rows + width, dtype)
+    if steady and offset + early_end <= EARLY_SQUARE_MAX:  # the first blocks as one call
+        bias = alibi_bias(slopes, windows, offset, early_end, 0, offset + early_end, dtype)
+        plan.append(("slice", 0, early_end, 0, offset + early_end, bias))
+    else:
+        for a, b in blocks:
+            if a >= early_end:
+                break
+            start = max(0, offset + a - width)  # keys [start, offset + b)
+            c, seen = b - a, offset + b - start
+            plan.append(("slice", a, b, start, offset + b, template[:, :, rows - c :, rows + width - seen :]))
+    if steady:
+        first = steady[0]
+        plan.append(("windows", first, len(steady), rows, offset + first - width, template.transpose(0, 1)))
+    return plan
+
+
+def _strided(x, start: int, n: int, step: int, size: int) -> torch.Tensor:
+    """(B, G, L, *rest) with any strides -> (B*G, n, size, *rest): block i is x[:, :, start + i*step :][:size] (a
+    view; blocks overlap when size > step). B and G merge when their strides allow (always for B = 1)."""
+    batch, heads = x.shape[:2]
+    sb, sg, sl, *rest = x.stride()
+    if batch > 1 and heads > 1 and sb != heads * sg:
+        raise ValueError("batch and head dims cannot merge: pass contiguous tensors")
+    return x.as_strided((batch * heads, n, size, *x.shape[3:]), (sg if heads > 1 else sb, step * sl, sl, *rest),
+                        x.storage_offset() + start * sl)
+
+
+def _views(call, q, k, v, out=None, lse=None):
+    """The call's (q, k, v, out, lse) views of group tensors q/out (B, G, Lq, D), k/v (B, G, Lk, D), lse (B, G, Lq).
+    Windows merge B and G into the batch dim: (B*G, n, rows[, + width], D)."""
+    if call[0] == "slice":
+        _, a, b, k0, k1, _ = call
+        pick = lambda x, lo, hi: None if x is None else x[:, :, lo:hi]  # noqa: E731
+        return pick(q, a, b), k[:, :, k0:k1], v[:, :, k0:k1], pick(out, a, b), pick(lse, a, b)
+    _, a, n, rows, k0, bias = call
+    size = bias.shape[-1]
+    blocks = lambda x: None if x is None else _strided(x, a, n, rows, rows)  # noqa: E731
+    return blocks(q), _strided(k, k0, n, rows, size), _strided(v, k0, n, rows, size), blocks(out), blocks(lse)
+
+
+def _call_mask(call, batch):
+    bias = call[-1]
+    return bias.repeat(batch, 1, 1, 1) if call[0] == "windows" and batch > 1 else bias
+
+
+def _group_forward(plan, q, k, v, scaling, dropout, lse, out=None):
+    """Run a group's calls into ``out`` (B, G, Lq, D) (new if None, returned) and ``lse`` (B, G, Lq) when given."""
+    out = torch.empty_like(q) if out is None else out
+    for call in plan:
+        qc, kc, vc, oc, lc = _views(call, q, k, v, out, lse)
+        mask = _call_mask(call, q.shape[0])
+        if lse is None:
+            oc.copy_(F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, dropout_p=dropout, scale=scaling))
+        else:
+            o, l = _flash_cpu(qc, kc, vc, 0.0, False, attn_mask=mask, scale=scaling)
+            oc.copy_(o)
+            lc.copy_(l)
+    return out
+
+
+def _group_backward(plan, grad_out, q, k, v, out, lse, scaling):
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for call in plan:
+        qc, kc, vc, oc, lc = _views(call, q, k, v, out, lse)
+        go = _views(call, grad_out, k, v)[0]
+        gq, gk, gv = _flash_cpu_backward(go, qc, kc, vc, oc, lc, 0.0, False, attn_mask=_call_mask(call, q.shape[0]),
+                                         scale=scaling)
+        _views(call, dq, dk, dv)[0].add_(gq)
+        if call[0] == "slice":
+            _, _, _, k0, k1, _ = call
+            dk[:, :, k0:k1].add_(gk)
+            dv[:, :, k0:k1].add_(gv)
+            continue
+        _, _, n, rows, k0, _ = call
+        for j in range(gk.shape[2] // rows):  # slice j of every window: n disjoint key ranges
+            keys = slice(k0 + j * rows, k0 + (j + n) * rows)
+            for grad, target in ((gk, dk), (gv, dv)):
+                view = target[:, :, keys].reshape(-1, n, rows, target.shape[3])  # (B*G, n, R, D), a view
+                view.add_(grad[:, :, j * rows : (j + 1) * rows])
+    return dq, dk, dv
+
+
+def _groups(query, key, slopes, scaling):
+    """[(heads index, kv index, plan)] for one call of the windowed kernel."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    exact = alibi_windows(query, key, slopes, scaling, k_len)
+    windows = torch.tensor(exact, device=query.device)
+    per_kv = query.shape[1] // key.shape[1]
+    groups = []
+    for width, heads in window_classes(exact, k_len):
+        index = torch.tensor(heads, device=query.device)
+        plan = _group_plan(q_len, k_len, width, slopes[index], windows[index], query.dtype)
+        groups.append((index, index // per_kv, plan))
+    return groups
+
+
+def _gather(x, index):
+    return x.index_select(1, index)  # (B, G, L, D), contiguous
+
+
+class _WindowedAlibi(torch.autograd.Function):
+    """Training path: forward without an autograd graph (keeping the log-sum-exps), backward with the CPU flash
+    backward kernel per call; overlapping key windows accumulate their gradients slice by slice."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, slopes, scaling):
+        groups = _groups(query, key, slopes, scaling)
+        out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # (B, Lq, H, D)
+        saved = []
+        for index, kv_index, plan in groups:
+            q, k, v = _gather(query, index), _gather(key, kv_index), _gather(value, kv_index)
+            lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+            o = _group_forward(plan, q, k, v, scaling, 0.0, lse)
+            out.index_copy_(2, index, o.transpose(1, 2))
+            saved += [o, lse]
+        ctx.save_for_backward(query, key, value, *saved)
+        ctx.groups, ctx.scaling = groups, scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, *saved = ctx.saved_tensors
+        dq, dk, dv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        for i, (index, kv_index, plan) in enumerate(ctx.groups):
+            o, lse = saved[2 * i], saved[2 * i + 1]
+            q, k, v = _gather(query, index), _gather(key, kv_index), _gather(value, kv_index)
+            go = grad_out.index_select(2, index).transpose(1, 2).contiguous()  # (B, G, Lq, D)
+            gq, gk, gv = _group_backward(plan, go, q, k, v, o, lse, ctx.scaling)
+            dq.index_add_(1, index, gq)
+            dk.index_add_(1, kv_index, gk)
+            dv.index_add_(1, kv_index, gv)
+        return dq, dk, dv, None, None
+
+
 def alibi_windowed_attention(query, key, value, slopes: torch.Tensor, scaling: float, dropout: float = 0.0
                              ) -> torch.Tensor:
-    """Causal ALiBi attention, each head over its provably sufficient key window. Returns (B, Lq, H, D).
+    """Causal ALiBi attention, each head over its provably sufficient key window (:func:`alibi_windows`).
+    Returns (B, Lq, H, D).
 
-    Consecutive heads with the same (rounded) window run together. Query block [a, b) (C rows) attends keys
-    [a - W, b): one batched SDPA call for all blocks with a full window (the overlapping key windows as a strided
-    view, one (C, C + W) bias shared by all blocks), one call per earlier block. Heads whose window covers all keys
-    run the same code with W = Lk, which is :func:`blocked_attention` for those heads.
+    Heads are grouped by window width (:func:`window_classes`). Per group, the first blocks run as one call (or
+    one call per block when that square would be large), and every later query block [a, a+C) attends keys
+    [a - W, a + C) in one batched call: the overlapping key windows are a strided view, with one (C, C + W) bias
+    for all blocks. A group whose window covers all keys runs block by block, as :func:`blocked_attention`.
+    With autograd (CPU, no dropout) a custom backward runs the flash backward kernel per call.
     """
+    slopes = slopes.to(query.device)
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return _WindowedAlibi.apply(query, key, value, slopes, scaling)
+    batch = query.shape[0]
+    out = query.new_empty(batch, query.shape[2], query.shape[1], query.shape[3])  # (B, Lq, H, D)
+    same_kv = key.shape[1] == query.shape[1]
+    with torch.no_grad():
+        for index, kv_index, plan in _groups(query, key, slopes, scaling):
+            h0, h1 = int(index[0]), int(index[-1]) + 1
+            if same_kv and h1 - h0 == len(index) and (batch == 1 or h1 - h0 == 1):
+                # consecutive heads, B = 1 (or one head): views of the inputs, results written into ``out``
+                _group_forward(plan, query[:, h0:h1], key[:, h0:h1], value[:, h0:h1], scaling, dropout, None,
+                               out=out[:, :, h0:h1].transpose(1, 2))
+                continue
+            o = _group_forward(plan, _gather(query, index), _gather(key, kv_index), _gather(value, kv_index),
+                               scaling, dropout, None)
+            out.index_copy_(2, index, o.transpose(1, 2))
+    return out
+
+
+def can_train_windowed(query, dropout: float) -> bool:
+    """The windowed kernel's backward needs the CPU flash kernels and no dropout."""
+    return (
+        _flash_cpu is not None and _flash_cpu_backward is not None and query.device.type == "cpu" and not dropout
+    )
+
+
+# ---- banded T5 path (inference) ----------------------------------------------------------------------------
+def t5_banded_attention(method, query, key, value, scaling: float, rows: int = BLOCK_ROWS) -> torch.Tensor:
+    """Causal attention with a bias that is constant beyond a distance R (T5: the last bucket from
+    ``max_distance`` on). Query block [a, a+C) runs as two mask-free-or-small calls merged by log-sum-exp:
+    the band, keys [a - W, a + C) with W = R rounded up to C (one batched call for all blocks, one shared
+    (H, C, C + W) bias), and the far keys [0, a - W), whose bias is the per-head constant: no mask at all, its
+    log-sum-exp shifted by that constant. Inference only (CPU flash kernel for the log-sum-exps). Returns
+    (B, Lq, H, D)."""
     batch, heads, q_len, dim = query.shape
     k_len = key.shape[2]
     offset = k_len - q_len
     groups = heads // key.shape[1]
-    exact = alibi_windows(query, key, slopes, scaling, k_len)
+    width = -(-method.options.max_distance // rows) * rows
+    # contiguous (B, H, L, D): overlapping key windows are strided views of it
+    q = query.contiguous()
+    k = key.repeat_interleave(groups, 1) if groups > 1 else key.contiguous()
+    v = value.repeat_interleave(groups, 1) if groups > 1 else value.contiguous()
+    positions = torch.arange(width + rows, device=query.device)
+    band = method.score_bias(positions[-rows:], positions).to(query.dtype).contiguous()  # (H, C, C + W)
+    band = band.masked_fill_(positions[None, :] > positions[-rows:, None], torch.finfo(query.dtype).min)
+    reach = method.options.max_distance
+    far_positions = torch.arange(reach + 1, device=query.device)
+    far_bias = method.score_bias(far_positions[-1:], far_positions)[:, 0, 0].float()  # (H,) bias at distance >= R
     out = query.new_empty(batch, q_len, heads, dim)
-    plan = []  # [(h0, h1, width, rows)]: consecutive heads sharing a rounded window
-    for h, window in enumerate(exact):
-        rows = window_rows(window)
-        width = min(-(-window // rows) * rows, k_len)  # keys before a block's first query that it may see
-        if plan and plan[-1][2:] == (width, rows) and (h // groups == plan[-1][0] // groups or groups == 1):
-            plan[-1] = (plan[-1][0], h + 1, width, rows)
-        else:
-            plan.append((h, h + 1, width, rows))
-    windows = torch.tensor(exact, device=query.device)
-    for h0, h1, width, rows in plan:
-        q = query[:, h0:h1]  # (B, Hg, Lq, D) view
-        kv_heads = slice(h0 // groups, h0 // groups + 1) if groups > 1 else slice(h0, h1)
-        k, v = key[:, kv_heads], value[:, kv_heads]  # (B, Hg|1, Lk, D)
-        bias = alibi_bias_block(slopes[h0:h1], windows[h0:h1], rows, width, query.dtype)
-        blocks = query_blocks(q_len, rows)
-        steady = [a for a, b in blocks if b - a == rows and offset + a >= width]
-        for a, b in blocks:
-            if steady and a >= steady[0]:
-                break
-            start = max(0, offset + a - width)  # keys [start, offset + b)
-            c, seen = b - a, offset + b - start
-            out[:, a:b, h0:h1] = F.scaled_dot_product_attention(
-                q[:, :, a:b], k[:, :, start : offset + b], v[:, :, start : offset + b],
-                attn_mask=bias[:, :, rows - c :, rows + width - seen :], dropout_p=dropout, scale=scaling,
-                enable_gqa=groups > 1,
-            ).transpose(1, 2)
-        if steady:
-            first, n, hg = steady[0], len(steady), h1 - h0
-
-            def windows_of(x, row, start, size):  # (B, G, L, D) -> (Hg, n, size, D): block i from start + i*rows
-                sb, sg, sl, sd = x.stride()
-                head_stride = sg if x.shape[1] == hg else 0  # GQA: the group's heads share one kv head
-                offset_ = x.storage_offset() + row * sb + start * sl
-                return x.as_strided((hg, n, size, dim), (head_stride, rows * sl, sl, sd), offset_)
-
-            mask = bias.transpose(0, 1)  # (Hg, 1, rows, rows + width): per head, shared by the n blocks
-            for row in range(batch):  # overlapping windows are strided views: no copy of the keys
-                o = F.scaled_dot_product_attention(
-                    windows_of(q, row, first, rows), windows_of(k, row, offset + first - width, rows + width),
-                    windows_of(v, row, offset + first - width, rows + width), attn_mask=mask, dropout_p=dropout,
-                    scale=scaling,
-                )  # (Hg, n, rows, D)
-                out[row, first:, h0:h1] = o.permute(1, 2, 0, 3).reshape(n * rows, hg, dim)
+    blocks = query_blocks(q_len, rows)
+    steady = [a for a, b in blocks if b - a == rows and offset + a >= width]
+    near_out = torch.empty_like(q)
+    near_lse = q.new_empty(batch, heads, q_len, dtype=torch.float32)
+    for a, b in blocks:  # early blocks: keys [0, offset + b), all within reach of the band's bias
+        if steady and a >= steady[0]:
+            break
+        start = max(0, offset + a - width)
+        c, seen = b - a, offset + b - start
+        o, lse = _flash_cpu(q[:, :, a:b], k[:, :, start : offset + b], v[:, :, start : offset + b], 0.0, False,
+                            attn_mask=band[None, :, rows - c :, rows + width - seen :], scale=scaling)
+        near_out[:, :, a:b], near_lse[:, :, a:b] = o, lse
+    if steady:
+        first, n = steady[0], len(steady)
+        call = ("windows", first, n, rows, offset + first - width, band[:, None])
+        qc, kc, vc, oc, lc = _views(call, q, k, v, near_out, near_lse)
+        o, lse = _flash_cpu(qc, kc, vc, 0.0, False, attn_mask=_call_mask(call, batch), scale=scaling)
+        oc.copy_(o)
+        lc.copy_(lse)
+    for a, b in blocks:
+        far = offset + a - width  # keys [0, far) are beyond the band for every query of the block
+        if far <= 0:
+            out[:, a:b] = near_out[:, :, a:b].transpose(1, 2)
+            continue
+        o1, lse1 = _flash_cpu(q[:, :, a:b], k[:, :, :far], v[:, :, :far], 0.0, False, scale=scaling)
+        lse1 = lse1 + far_bias[None, :, None]
+        lse2, o2 = near_lse[:, :, a:b], near_out[:, :, a:b]
+        top = torch.maximum(lse1, lse2)
+        w1, w2 = (lse1 - top).exp_(), (lse2 - top).exp_()
+        total = w1 + w2
+        merged = o1 * (w1 / total)[..., None] + o2 * (w2 / total)[..., None]  # (B, H, c, D)
+        out[:, a:b] = merged.transpose(1, 2)
     return out
+
+
+def can_band(method, query) -> bool:
+    return _flash_cpu is not None and query.device.type == "cpu" and hasattr(method.options, "max_distance")
