@@ -260,7 +260,7 @@ def main(argv=None) -> int:
         size = dict(heads=12, head_dim=64, vocab=50257, trained=1024, max_len=4096, layers=args.layers)
         lengths = args.lengths or [1024, 2048, 4096]
         repeats = args.repeats or 5
-        decode_context, decode_steps, ft_len, ft_layers, ft_steps = 2048, 64, 1024, 12, 3
+        decode_context, decode_steps, ft_len, ft_layers, ft_steps = 2048, 64, 1024, 12, 5
     size["max_len"] = max([size["max_len"], *lengths, decode_context + decode_steps])
 
     if args.memory_case:
@@ -272,6 +272,25 @@ def main(argv=None) -> int:
     command = "python benchmarks/bench_posenc.py " + " ".join(argv if argv is not None else sys.argv[1:])
     sections = []
     say = lambda text: print(text, flush=True)  # noqa: E731
+    out = args.out if args.out is not None else (None if args.quick else DOC)
+
+    def report(final: bool = False) -> None:
+        """Write what is measured so far (after every section, so an interrupted run keeps its tables)."""
+        header = (
+            f"Command: `{command.strip()}`  \n"
+            f"Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}, "
+            f"{time.time() - started:.0f} s{'' if final else ' (interrupted: sections so far)'}  \n"
+            f"Machine: {machine()}  \n"
+            f"Model: GPT-2, {size['heads']} heads x {size['head_dim']}, {args.layers} layers (fine-tune: "
+            f"{ft_layers}), vocab {size['vocab']}, B=1, fp32. Cells: median ratio converted / unconverted (median "
+            "converted time)."
+        )
+        if final:
+            say(header)
+        if out is not None:
+            write(out, header + "\n\n" + "\n\n".join(sections))
+            if final:
+                say(f"\nwrote {out}")
     say(f"# {command.strip()}\n")
 
     baseline = build(size, None)
@@ -291,6 +310,7 @@ def main(argv=None) -> int:
         rows = [["unconverted", *base_ms]] + [[m, *cells[m]] for m in args.methods]
         text = "### Forward (no grad), backend auto\n\n" + table(["method", *map(str, lengths)], rows)
         sections.append(text)
+        report()
         say(text + "\n")
 
     if "backward" not in args.skip:
@@ -309,6 +329,7 @@ def main(argv=None) -> int:
             ["method", *map(str, bw_lengths)], rows
         )
         sections.append(text)
+        report()
         say(text + "\n")
 
     if "backends" not in args.skip:
@@ -328,6 +349,7 @@ def main(argv=None) -> int:
         if rows:
             text = "### Forward (no grad) by backend\n\n" + table(["method", "backend", *map(str, lengths)], rows)
             sections.append(text)
+            report()
             say(text + "\n")
 
     if "decode" not in args.skip:
@@ -343,6 +365,7 @@ def main(argv=None) -> int:
             ["method", "ms/token ratio"], rows
         )
         sections.append(text)
+        report()
         say(text + "\n")
 
     if "memory" not in args.skip:
@@ -362,6 +385,7 @@ def main(argv=None) -> int:
             ["method", "backend", "peak RSS", "forward working set"], rows
         )
         sections.append(text)
+        report()
         say(text + "\n")
 
     if "finetune" not in args.skip:
@@ -370,28 +394,18 @@ def main(argv=None) -> int:
             ft_steps,
         )
         ms, r, base = res["alibi"]
-        rows = [["unconverted", f"{ft_len / base * 1000:.0f} tokens/s"],
-                ["alibi", f"{1 / r:.2f}x ({ft_len / ms * 1000:.0f} tokens/s)"]]
+        rows = [["unconverted", f"{ft_len / base * 1000:.0f} tokens/s", "-"],
+                ["alibi", f"{1 / r:.2f}x", f"{base / ms:.2f}x ({ft_len / ms * 1000:.0f} tokens/s)"]]
         text = (
             f"### Fine-tune, LoRA (r=8, c_attn) + AdamW, {ft_layers}-layer GPT2LMHeadModel, {ft_len} tokens/step, "
-            "backend auto\n\n" + table(["model", "tokens/s ratio"], rows)
+            f"backend auto, {ft_steps} steps each\n\n"
+            + table(["model", "tokens/s ratio (median of paired steps)", "ratio of median step times"], rows)
         )
         sections.append(text)
+        report()
         say(text + "\n")
 
-    header = (
-        f"Command: `{command.strip()}`  \n"
-        f"Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}, "
-        f"{time.time() - started:.0f} s  \n"
-        f"Machine: {machine()}  \n"
-        f"Model: GPT-2, {size['heads']} heads x {size['head_dim']}, {args.layers} layers (fine-tune: {ft_layers}), "
-        f"vocab {size['vocab']}, B=1, fp32. Cells: median ratio converted / unconverted (median converted time)."
-    )
-    say(header)
-    out = args.out if args.out is not None else (None if args.quick else DOC)
-    if out is not None:
-        write(out, header + "\n\n" + "\n\n".join(sections))
-        say(f"\nwrote {out}")
+    report(final=True)
     return 0
 
 

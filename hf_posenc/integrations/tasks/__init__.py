@@ -5,3 +5,7 @@ include path."""
 from pathlib import Path
 
 TASKS_DIR = Path(__file__).parent
+
+
+class TaskInputError(ValueError):
+    """Bad task metadata (lengths, text file, tokenizer); the message says what to pass instead."""

@@ -17,15 +17,13 @@ from typing import Any, Iterable
 
 from lm_eval.api.task import ConfigurableTask
 
+from . import TaskInputError  # noqa: F401  (re-exported: tasks raise it)
+
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096)
 LENGTH_KEY = "posenc_length"  # in every doc: the sequence length (tokens) the doc is built for
 
 # tokenizers handed over in memory by ``lm_eval_model.evaluate``: metadata carries only their key
 _IN_MEMORY_TOKENIZERS: dict[str, Any] = {}
-
-
-class TaskInputError(ValueError):
-    """Bad task metadata (lengths, text file, tokenizer); the message says what to pass instead."""
 
 
 def lengths_from(metadata: dict) -> list[int]:
