@@ -92,6 +92,17 @@ def biased_mask(method, attention_mask, q_pos, k_pos, causal: bool, dtype) -> to
     return method.shared(key, build)
 
 
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, the dtype autocast gives SDPA. Llama-style q / k leave the rotary multiply in the residual
+    stream's fp32 while v is bf16; ``F.scaled_dot_product_attention`` casts them itself, but the kernels called
+    directly (CPU flash, FlexAttention, the eager softmax) need one dtype."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def posenc_attention_forward(
     module: nn.Module,
     query: torch.Tensor,  # (B, H, Lq, D)
@@ -108,6 +119,7 @@ def posenc_attention_forward(
 
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     causal = bool(getattr(module, "is_causal", True))
+    query, key, value = autocast_inputs(query, key, value)
     q_pos, k_pos = method.positions(query.shape[2], key.shape[2], query.device)
     if method.rotate_in_attention:
         query, key = method.rotate(query, key, q_pos, k_pos)

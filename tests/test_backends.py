@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import OLD_LIMIT, VOCAB, tiny_model
+from tiny_models import CACHE_ARG, OLD_LIMIT, VOCAB, cache_of, tiny_model
 
 import hf_posenc
 from hf_posenc.backends import dispatch, flex
@@ -134,11 +134,11 @@ def test_auto_and_eager_match_sdpa_long_padded_and_cached(family, method, kernel
     kernels_seen.clear()
     with torch.no_grad():
         out = model(full[:, :LONG], use_cache=True)
-        steps, cache = [out.logits], out.cache
+        steps, cache = [out.logits], cache_of(out)
         for a, b in ((LONG, LONG + 520), (LONG + 520, LONG + 521), (LONG + 521, LONG + 522), (LONG + 522, None)):
-            out = model(full[:, a:b], cache=cache, use_cache=True)
+            out = model(full[:, a:b], **{CACHE_ARG: cache}, use_cache=True)
             steps.append(out.logits)
-            cache = out.cache
+            cache = cache_of(out)
     torch.testing.assert_close(torch.cat(steps, dim=1), reference, atol=TOL, rtol=0)
     if method in ("alibi", "t5"):  # the long calls used the query-block kernels, the decode steps the bias row
         long_kernel = "sdpa-windowed" if method == "alibi" else "sdpa-banded"
@@ -161,6 +161,21 @@ def test_auto_gradients_match_sdpa(method):
     assert grads["sdpa"].keys() == grads["auto"].keys()
     for name, grad in grads["sdpa"].items():
         torch.testing.assert_close(grads["auto"][name], grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("method", ["alibi", "t5", "rope"])
+def test_every_backend_runs_under_bf16_autocast(method):
+    """Under autocast Llama's q / k come out of the rotary multiply in fp32 and v in bf16; the kernels called
+    directly (CPU flash, FlexAttention, eager) must see one dtype. bf16 logits stay close to the fp32 ones."""
+    model = converted("llama", method)
+    x = ids(1, LONG + 100)
+    with torch.no_grad():
+        reference = model(x).logits
+        for backend in ("auto", "sdpa", "eager", *(["flex"] if method == "t5" else [])):
+            hf_posenc.set_backend(model, backend)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(x).logits.float()
+            torch.testing.assert_close(logits, reference, atol=0.05, rtol=0, msg=backend)
 
 
 def test_long_alibi_builds_no_length_squared_bias(monkeypatch):
@@ -251,7 +266,7 @@ def test_auto_rules():
         assert kernels_for(alibi, short) == {"sdpa"}  # 4. short
         assert kernels_for(converted("bert", "alibi"), long) == {"sdpa"}  # 4. encoder
         out = alibi(long, use_cache=True)
-        assert kernels_for(alibi, ids(1, 1), cache=out.cache) == {"sdpa"}  # 4. decode step
+        assert kernels_for(alibi, ids(1, 1), **{CACHE_ARG: cache_of(out)}) == {"sdpa"}  # 4. decode step
     assert kernels_for(t5, long) == {"sdpa-blocked"}  # 3c: T5 with autograd
     alibi.train()  # dropout 0.1 in the tiny config: the windowed backward has none
     assert kernels_for(alibi, long) == {"sdpa-blocked"}  # 3c
@@ -300,9 +315,9 @@ def test_flex_matches_sdpa_plain_padded_and_cached(method):
     hf_posenc.set_backend(model, "flex")
     with torch.no_grad():
         out = model(full[:, :-30], use_cache=True)
-        chunk = model(full[:, -30:-2], cache=out.cache, use_cache=True)  # queries after cached keys
-        step = model(full[:, -2:-1], cache=chunk.cache, use_cache=True)
-        last = model(full[:, -1:], cache=step.cache, use_cache=True)
+        chunk = model(full[:, -30:-2], **{CACHE_ARG: cache_of(out)}, use_cache=True)  # queries after cached keys
+        step = model(full[:, -2:-1], **{CACHE_ARG: cache_of(chunk)}, use_cache=True)
+        last = model(full[:, -1:], **{CACHE_ARG: cache_of(step)}, use_cache=True)
     got = torch.cat([out.logits, chunk.logits, step.logits, last.logits], dim=1)
     torch.testing.assert_close(got, reference, atol=TOL, rtol=0)
 
@@ -318,9 +333,9 @@ def test_flex_compiles_once_not_per_length_or_decode_step(method):
             model(ids(1, length))
         compiled = graphs()
         out = model(ids(1, 330), use_cache=True)  # a new length: no recompile
-        cache, token = out.cache, ids(1, 1)
+        cache, token = cache_of(out), ids(1, 1)
         for _ in range(12):  # decode steps: the bias row through SDPA, never a compile
-            cache = model(token, cache=cache, use_cache=True).cache
+            cache = cache_of(model(token, **{CACHE_ARG: cache}, use_cache=True))
         model(ids(1, 390))
     assert graphs() == compiled
 
@@ -340,3 +355,120 @@ def test_benchmark_quick_mode_prints_and_writes_ratios(tmp_path):
     for heading in ("Forward (no grad)", "Forward + backward", "Decode", "Peak memory", "Fine-tune"):
         assert heading in text and heading in run.stdout
     assert "| alibi |" in text and "x (" in text
+
+
+def _bench_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_posenc.py"
+    spec = importlib.util.spec_from_file_location("bench_posenc_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_device_and_dtype_arguments(capsys):
+    bench = _bench_module()
+    args = bench.parse_args([])
+    assert (args.device, args.dtype, args.layers, args.eager_max, args.time_budget) == ("cpu", "fp32", 1, 0, None)
+    args = bench.parse_args(["--device", "cuda", "--time-budget", "80"], cuda_available=True)
+    assert (args.device, args.dtype, args.layers, args.eager_max, args.time_budget) == ("cuda", "bf16", 12, 4096, 80)
+    assert bench.parse_args(["--device", "cuda", "--dtype", "fp32"], cuda_available=True).dtype == "fp32"
+    assert bench.parse_args(["--dtype", "bf16"]).dtype == "bf16"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cuda"], cuda_available=False)
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "tpu"])
+
+
+def test_benchmark_failing_case_writes_an_error_cell():
+    bench = _bench_module()
+
+    def boom():
+        raise ValueError("shape | mismatch\nsecond line")
+
+    res = bench.paired({"bad": boom, "ok": lambda: None}, lambda: None, repeats=2)
+    assert res["bad"] == "error: ValueError: shape / mismatch"
+    assert bench.ratio(res["bad"]) == res["bad"] and bench.ratio(res["ok"]).endswith("ms)")
+    assert bench.failure(RuntimeError("x" * 500)).endswith("...") and len(bench.failure(RuntimeError("x" * 500))) < 120
+    assert bench.base_median({"bad": res["bad"]}) == "-"
+
+
+def test_benchmark_gpu_block_keeps_the_cpu_block(tmp_path):
+    bench = _bench_module()
+    doc = tmp_path / "performance.md"
+    doc.write_text(
+        f"# P\n\n{bench.BEGIN}\ncpu table\n{bench.END}\n\n## GPU results\n\n{bench.GPU_BEGIN}\n{bench.GPU_END}\n"
+    )
+    bench.write(doc, "gpu table", bench.GPU_BEGIN, bench.GPU_END)
+    text = doc.read_text()
+    assert "cpu table" in text and f"{bench.GPU_BEGIN}\ngpu table\n{bench.GPU_END}" in text
+    fresh = tmp_path / "bench_gpu.md"  # --out to a new file
+    bench.write(fresh, "gpu table", bench.GPU_BEGIN, bench.GPU_END)
+    assert "gpu table" in fresh.read_text() and bench.BEGIN not in fresh.read_text()
+
+
+def test_benchmark_time_budget_skips_and_still_writes(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_posenc.py"
+    out = tmp_path / "performance.md"
+    run = subprocess.run(
+        [sys.executable, str(script), "--quick", "--methods", "alibi", "--time-budget", "0", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = out.read_text()
+    assert "Skipped (time budget 0 s): forward, backward, backends, decode, memory, finetune." in text
+    assert "### Forward" not in text and "Machine:" in text
+
+
+FAKE_CUDA = """
+import importlib.util, sys, types
+import torch
+spec = importlib.util.spec_from_file_location("bench", sys.argv[1])
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+torch.cuda.is_available = lambda: True
+for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+    setattr(torch.cuda, name, lambda *a: None)
+torch.cuda.memory_allocated = lambda *a: 100 * 2**20
+torch.cuda.max_memory_allocated = lambda *a: 150 * 2**20
+torch.cuda.get_device_name = lambda *a: "Fake GPU"
+torch.cuda.current_device = lambda: 0
+torch.cuda.get_device_properties = lambda i: types.SimpleNamespace(total_memory=80 * 2**30)
+real_build, real_tokens = bench.build, bench.tokens
+
+def on_cpu(fn):
+    def wrapped(*a, **k):
+        if k.get("backend") == "eager":
+            raise RuntimeError("CUDA out of memory | fake")
+        bench.DEVICE = "cpu"
+        try:
+            return fn(*a, **k)
+        finally:
+            bench.DEVICE = "cuda"
+    return wrapped
+
+bench.build, bench.tokens = on_cpu(real_build), on_cpu(real_tokens)
+sys.exit(bench.main(sys.argv[2:]))
+"""
+
+
+def test_benchmark_cuda_path_with_a_faked_gpu(tmp_path):
+    """The --device cuda control flow (section order, in-process GPU memory table, error cells, gpu markers) on a
+    CPU-only torch: torch.cuda is faked, the models stay on the CPU."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_posenc.py"
+    out = tmp_path / "bench_gpu.md"
+    run = subprocess.run(
+        [sys.executable, "-c", FAKE_CUDA, str(script), "--quick", "--device", "cuda", "--methods", "alibi",
+         "--skip", "backward", "decode", "finetune", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = out.read_text()
+    assert "<!-- bench:gpu:begin -->" in text and "<!-- bench:cpu:begin -->" not in text
+    assert "Machine: Fake GPU (80 GiB)" in text and "bf16, device cuda" in text
+    assert text.index("### Forward (no grad), backend auto") < text.index("### Peak GPU memory") < text.index(
+        "### Forward (no grad) by backend")
+    assert "| alibi | auto | 150 MB (+0.0 %) | 50 MB (+0 MB) |" in text
+    assert "| alibi | eager | error: RuntimeError: CUDA out of memory / fake |" in text

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import FAMILIES, OLD_LIMIT, VOCAB, tiny_model
+from tiny_models import CACHE_ARG, FAMILIES, OLD_LIMIT, VOCAB, cache_of, tiny_model
 
 import hf_posenc
 
@@ -76,10 +76,10 @@ def test_cached_decode_equals_full_forward(family, case):
     prefill = len(x[0]) - 5
     out = model(x[:, :prefill], use_cache=True)
     steps = [out.logits]
-    cache = out.cache
+    cache = cache_of(out)
     for t in range(prefill, x.shape[1]):  # one token at a time
-        out = model(x[:, t : t + 1], cache=cache, use_cache=True)
-        cache = out.cache
+        out = model(x[:, t : t + 1], **{CACHE_ARG: cache}, use_cache=True)
+        cache = cache_of(out)
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=TOL, rtol=0)
 

@@ -8,7 +8,7 @@ import inspect
 import pytest
 import torch
 import transformers
-from tiny_models import OLD_LIMIT, tiny_model
+from tiny_models import CACHE_ARG, OLD_LIMIT, cache_of, tiny_model
 
 import hf_posenc
 from hf_posenc import _seams
@@ -58,7 +58,7 @@ def test_attention_function_receives_padding_mask_and_cached_keys(family, monkey
     if family != "bert":
         seen.clear()
         out = model(x[:, :6], use_cache=True)
-        model(x[:, 6:7], cache=out.cache)
+        model(x[:, 6:7], **{CACHE_ARG: cache_of(out)})
         assert seen[-1][1:] == (1, 7), moved("attention_interface(key=...)", "expecting keys that include the cache")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -13,6 +14,14 @@ VOCAB = 320
 OLD_LIMIT = 64  # the tiny models' native position limit; tests run past it
 
 FAMILIES = ("gpt2", "bert", "llama", "mistral", "qwen2")
+
+# transformers renamed the KV-cache argument and output field `past_key_values` -> `cache` within 5.x (5.17 has
+# the old name, 5.24 the new); the tests run on both: model(x, **{CACHE_ARG: cache}), cache_of(out)
+CACHE_ARG = "cache" if "cache" in inspect.signature(transformers.GPT2Model.forward).parameters else "past_key_values"
+
+
+def cache_of(output):
+    return getattr(output, CACHE_ARG)
 
 
 def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
