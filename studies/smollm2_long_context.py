@@ -178,7 +178,7 @@ def finetune(variant: Variant, base: str, text: dict, settings: Settings, out: P
         "seq_len": settings.ft_len, "batch_size": settings.ft_batch, "max_steps": settings.ft_steps,
         "lr": settings.lr_retrofit if retrofit else settings.lr_rope, "warmup_steps": max(1, settings.ft_steps // 10),
         "lr_scheduler": "cosine", "weight_decay": 0.0, "eval_every": 0, "save_every": 0, "eval_multipliers": [1],
-        "eval_tokens": 4 * settings.ft_len, "log_every": 10, "report_to": [], "output_dir": str(out),
+        "eval_tokens": 4 * settings.ft_len, "log_every": 10, "report_to": ["none"], "output_dir": str(out),
     })
     started = time.perf_counter()
     result = train(config)
