@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tiny_models import CACHE_ARG, OLD_LIMIT, VOCAB, cache_of, tiny_model
 
 import hf_posenc
+from hf_posenc.attention import method_of
 from hf_posenc.backends import dispatch, flex
 from hf_posenc.backends import sdpa as kernels
 from hf_posenc.methods.alibi import alibi_slopes
@@ -274,6 +275,15 @@ def test_auto_rules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     assert kernels_for(alibi, long) == {"sdpa-windowed"}  # 3a with autograd
+
+
+def test_auto_keeps_the_windowed_kernel_on_cpu():
+    """3a is CPU-only: off the CPU (here the meta device, which has shapes but no data) ALiBi takes 3c."""
+    method = method_of(hf_posenc.convert(tiny_model("gpt2"), "alibi").transformer.h[0].attn)
+    q = torch.empty(1, 4, LONG, 8, device="meta")
+    choose = lambda q: dispatch.choose_kernel("auto", method, q, q, q, None, True, 0.0, False)  # noqa: E731
+    assert choose(q) == "sdpa-blocked"
+    assert choose(torch.empty(1, 4, LONG, 8)) == "sdpa-windowed"
 
 
 def test_explicit_backends_are_obeyed():

@@ -8,14 +8,16 @@ of 64, fp32, torch 2.13):
 1. attention weights requested, or a method that needs the probabilities (Shaw) -> ``eager`` (any backend);
 2. no position bias (RoPE, NoPE, sinusoidal) -> ``sdpa``: the native kernel (``is_causal`` when unpadded);
 3. a relative bias (ALiBi, T5) on a causal model with at least ``BLOCKED_MIN_QUERIES`` queries:
-   a. ALiBi, no padding mask (with autograd: CPU and no dropout) -> ``sdpa-windowed``;
+   a. ALiBi on CPU, no padding mask (with autograd: no dropout) -> ``sdpa-windowed``;
    b. T5, no padding mask, no autograd, CPU -> ``sdpa-banded``;
    c. otherwise (padding, dropout, T5 training) -> ``sdpa-blocked``;
 4. otherwise (short inputs, decode steps, encoders) -> ``sdpa`` with the shared bias: at these sizes one
    (1, H, Lq, Lk) bias is small and a single call is cheapest; a decode step's bias is one (1, H, 1, Lk) row.
 ``auto`` never picks ``flex`` on CPU: FlexAttention compiled by torch 2.13 ran 2-2.5x slower than the native causal
-kernel in isolation and behind the windowed / banded kernels in the model (forward; it has no CPU backward). On GPU
-it is the expected winner for long inputs but was not measured here (no GPU lent): choose ``backend="flex"``.
+kernel in isolation and behind the windowed / banded kernels in the model (forward; it has no CPU backward).
+The windowed kernel is CPU-only in ``auto``: on an H200 (bf16, torch 2.11) its many small calls made a 12-layer
+GPT-2 forward 11-15x the unconverted one, and with trained SmolLM2 weights (wide windows) a 1k-32k evaluation did
+not finish in 6 minutes; ALiBi on a GPU takes ``sdpa-blocked`` like T5 (measured 1.6-5.2x there).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def choose_kernel(backend: str, method, query, key, value, attention_mask, causa
     if causal and kind is not None and query.shape[2] >= BLOCKED_MIN_QUERIES:
         if (
             kind == "alibi" and attention_mask is None and query.shape[2] >= WINDOWED_MIN_QUERIES
-            and (not grad or sdpa.can_train_windowed(query, dropout))
+            and query.device.type == "cpu" and (not grad or sdpa.can_train_windowed(query, dropout))
         ):
             return "sdpa-windowed"
         if kind == "t5" and attention_mask is None and not grad and sdpa.can_band(method, query):
