@@ -36,3 +36,80 @@ def test_gpt2_study_quick(tmp_path, monkeypatch):
     assert (tmp_path / "p.png").stat().st_size > 1000
     # re-running reuses every stage
     assert study.main(["--out", str(out), "--quick", "--methods", "alibi,nope"]) == 0
+
+
+def test_minilm_study_quick(tmp_path, monkeypatch):
+    import torch
+    import transformers
+    from tiny_models import OLD_LIMIT, tiny_config, train_tiny_tokenizer
+
+    from hf_posenc import sources
+
+    monkeypatch.setattr(sources, "text_splits", lambda name: {"train": TEXT, "heldout": TEXT})
+    model_dir = tmp_path / "tiny-bert"
+    train_tiny_tokenizer(model_dir)
+    torch.manual_seed(0)  # a fixed random BertModel (no position beyond OLD_LIMIT)
+    transformers.BertModel(tiny_config("bert")).save_pretrained(model_dir)
+    study = load_script("minilm_alibi_embeddings")
+    out = tmp_path / "study"
+    args = ["--out", str(out), "--quick", "--model", str(model_dir)]
+    assert study.main([*args, "--plot", str(tmp_path / "p.png")]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {"converted", "train", "finetuned", "long", "original_past_limit"} <= set(results)
+    assert results["limit"] == OLD_LIMIT
+    assert "Error" in results["original_past_limit"]  # the original cannot take 2x its limit
+    assert set(results["finetuned"]) == {"8", "16", "32", "64"}
+    # fine-tuning brought the student closer to the original at every length
+    for n in results["finetuned"]:
+        assert results["finetuned"][n]["mean"] > results["converted"][n]["mean"], n
+    long = results["long"]["256"]  # 4x the tiny model's limit, embedded whole by the student
+    assert long["pieces"] == 5 and long["fine-tuned (whole)"]["n"] == 8
+    assert -1 <= long["fine-tuned (whole)"]["mean"] <= 1
+    assert "| fine-tuned (whole) | 256 |" in (out / "table.md").read_text()
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    # re-running reuses every stage (the student is not trained again)
+    mtime = (out / "student" / "config.json").stat().st_mtime
+    assert study.main(args) == 0
+    assert (out / "student" / "config.json").stat().st_mtime == mtime
+
+
+def test_smollm2_study_quick(tmp_path, monkeypatch):
+    """Every variant (training-free scaling, fine-tunes, retrofits) trains / scores on a tiny Llama; the tiny
+    model's trained context is OLD_LIMIT = 64, so 256 and 512 are past it."""
+    import torch
+    from tiny_models import tiny_model, train_tiny_tokenizer
+
+    from hf_posenc import sources
+
+    monkeypatch.setattr(sources, "text_splits", lambda name: {"train": TEXT, "heldout": TEXT})
+    model_dir = tmp_path / "tiny-llama"
+    train_tiny_tokenizer(model_dir)
+    torch.manual_seed(0)
+    tiny_model("llama").save_pretrained(model_dir)
+    study = load_script("smollm2_long_context")
+    out = tmp_path / "study"
+    args = ["--out", str(out), "--quick", "--model", str(model_dir)]
+    assert study.main([*args, "--plot", str(tmp_path / "p.png")]) == 0
+    results = json.loads((out / "results.json").read_text())
+    names = [v.name for v in study.variants(study.QUICK)]
+    assert list(results["variants"]) == names
+    for name in names:
+        entry = results["variants"][name]
+        assert "error" not in entry, (name, entry.get("error"))
+        assert set(entry["ppl"]) == {"64", "256", "512"}
+        assert all(1 < v["ppl"] < 1e4 and 1 < v["last"] < 1e4 for v in entry["ppl"].values()), name
+        assert set(entry["passkey"]) == {"256", "512", "256@0", "256@1", "512@0", "512@1"}  # 64: prompt too long
+        assert entry["finetune"] == ("finetune_run" in entry)
+    retrofit = results["variants"]["ALiBi, fine-tuned"]["finetune_run"]
+    assert retrofit["steps"] == study.QUICK.ft_steps and retrofit["lr"] == study.QUICK.lr_retrofit
+    # training-free YaRN at 1x is the original up to YaRN's attention temperature; linear PI at 1x is not
+    ppl = {n: results["variants"][n]["ppl"]["64"]["ppl"] for n in ("original", "linear (PI) x4")}
+    assert ppl["original"] != ppl["linear (PI) x4"]
+    assert "| ALiBi, fine-tuned | 2 |" in (out / "table.md").read_text()
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    # a time budget skips the remaining variants and says so; finished variants are kept
+    (out / "results.json").write_text(json.dumps({"variants": {"original": results["variants"]["original"]}}))
+    assert study.main([*args, "--budget-s", "0.001"]) == 0
+    skipped = json.loads((out / "results.json").read_text())["variants"]
+    assert skipped["original"] == results["variants"]["original"]
+    assert all("time budget" in skipped[n]["skipped"] for n in names[1:])
