@@ -7,6 +7,9 @@ import math
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -196,3 +199,21 @@ def test_a_converted_checkpoint_keeps_training_without_method(gpt2_dir, tmp_path
                 eval_multipliers=[1], eval_tokens=64)
     assert again.step == 1
     assert json.loads((tmp_path / "again" / "config.json").read_text())["posenc"]["method"] == "alibi"
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path):
+    """The lock keeps a run from resuming a checkpoint that another live run into the same folder is pruning;
+    a lock whose process is gone is taken over, and the lock goes away with the run."""
+    from hf_posenc.training.checkpointing import LOCK, OutputLock
+
+    with OutputLock(tmp_path):
+        assert (tmp_path / LOCK).is_file()
+        with pytest.raises(ConfigError, match="in use by another run.*choose another output_dir"):
+            OutputLock(tmp_path).__enter__()
+    assert not (tmp_path / LOCK).exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK).write_text(f"{socket.gethostname()} {dead.stdout.strip()}")  # a run that crashed
+    with OutputLock(tmp_path) as lock:
+        assert (tmp_path / LOCK).read_text() == lock.owner
+    with OutputLock(tmp_path, enabled=False):  # processes other than the main one do not lock
+        assert not (tmp_path / LOCK).exists()

@@ -8,8 +8,10 @@ has consumed; with the epoch-seeded shuffle it pins the next batch exactly, so 2
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import socket
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 from .config import ConfigError
 
 CHECKPOINTS = "checkpoints"
+LOCK = ".lock"  # in output_dir while a run writes there: "host pid"
 RUN_INFO = "run.json"  # in each checkpoint: the settings a resume must match
 MUST_MATCH = ("seq_len", "batch_size", "grad_accum", "seed", "num_processes")
 
@@ -106,3 +109,50 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class OutputLock:
+    """``<output_dir>/.lock`` while a run writes there. A second run into the same folder is refused: its resume
+    could pick a checkpoint that the first run's pruning deletes a moment later. A lock left by a process that no
+    longer runs on this host is taken over. Only the main process locks (``enabled``)."""
+
+    def __init__(self, output_dir: str | os.PathLike | None, enabled: bool = True):
+        self.path = Path(output_dir) / LOCK if output_dir is not None and enabled else None
+        self.owner = f"{socket.gethostname()} {os.getpid()}"
+
+    def __enter__(self) -> "OutputLock":
+        if self.path is None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                with open(self.path, "x") as f:
+                    f.write(self.owner)
+                return self
+            except FileExistsError:
+                holder = self.path.read_text().strip()
+                if _holder_alive(holder):
+                    raise ConfigError(
+                        f"{self.path.parent} is in use by another run ({holder or 'unknown'}); wait for it to stop "
+                        f"(Ctrl-C saves a checkpoint), choose another output_dir, or delete {self.path} if that run "
+                        "is gone"
+                    ) from None
+                self.path.unlink(missing_ok=True)
+
+    def __exit__(self, *exc) -> None:
+        if self.path is not None and self.path.is_file() and self.path.read_text().strip() == self.owner:
+            self.path.unlink()
+
+
+def _holder_alive(holder: str) -> bool:
+    """Whether the ``"host pid"`` in a lock file is a live process (another host's: assumed alive)."""
+    host, _, pid = holder.partition(" ")
+    if host != socket.gethostname():
+        return bool(holder)
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True

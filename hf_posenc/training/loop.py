@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpointing import StopRequest, TrainState, resolve_resume, save_checkpoint
+from .checkpointing import OutputLock, StopRequest, TrainState, resolve_resume, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import Blocks, EpochShuffle, check_enough_blocks, load_corpus, mask_for_mlm, mask_seed
 from .evaluate import perplexity
@@ -236,7 +236,13 @@ def train_step(run: Run, stream: Iterator[torch.Tensor]) -> tuple[torch.Tensor, 
 def train(config: TrainConfig, callbacks: list[Callable[[TrainState], None]] = ()) -> TrainResult:
     """Run the fine-tune described by ``config``. ``callbacks`` are called after every optimizer step.
 
-    Every process runs this; collectives (loss reduction, evaluation, checkpoints) happen at the same steps."""
+    Every process runs this; collectives (loss reduction, evaluation, checkpoints) happen at the same steps.
+    The main process (global rank 0, before Accelerate starts) holds ``output_dir``'s lock for the whole run."""
+    with OutputLock(config.output_dir, enabled=os.environ.get("RANK", "0") == "0"):
+        return _train(config, callbacks)
+
+
+def _train(config: TrainConfig, callbacks: list[Callable[[TrainState], None]]) -> TrainResult:
     from tqdm.auto import tqdm
 
     run = setup(config)
