@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -107,22 +106,24 @@ def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
 
 def perplexities(model, heldout: torch.Tensor, settings: Settings) -> dict[str, dict[str, float]]:
     """{length: {"ppl": all targets, "last": the last ``last_tokens`` targets of each window, "windows": n}}."""
+    from hf_posenc.training.data import eval_windows
+
     result = {}
     for length in settings.lengths:
-        n = min(len(heldout) // length, max(1, settings.eval_tokens // length))
-        if n == 0:
+        windows = eval_windows(heldout, length, settings.eval_tokens)  # (n, L)
+        if len(windows) == 0:
             result[str(length)] = {"error": f"held-out text has {len(heldout)} tokens, fewer than {length}"}
             continue
-        nll = torch.stack([token_nll(model, w) for w in heldout[: n * length].view(n, length)])  # (n, L - 1)
-        result[str(length)] = {"ppl": math.exp(nll.double().mean()),
-                               "last": math.exp(nll[:, -settings.last_tokens :].double().mean()), "windows": n}
+        nll = torch.stack([token_nll(model, w) for w in windows])  # (n, L - 1)
+        result[str(length)] = {"ppl": math.exp(nll.double().mean()), "windows": len(windows),
+                               "last": math.exp(nll[:, -settings.last_tokens :].double().mean())}
     return result
 
 
 def passkey_docs(tokenizer, settings: Settings) -> list[dict]:
     """The posenc_passkey prompts (repeat filler), each with its answer tokens; built once for every model."""
     from hf_posenc.integrations.tasks import TaskInputError
-    from hf_posenc.integrations.tasks.passkey_text import ANSWER_TOKENS, prompt, repeat_filler
+    from hf_posenc.integrations.tasks.passkey_text import ANSWER_TOKENS, prompt, repeat_filler, seeded_key
 
     docs = []
     for length in settings.lengths:
@@ -130,8 +131,7 @@ def passkey_docs(tokenizer, settings: Settings) -> list[dict]:
         filler = repeat_filler(tokenizer, budget)
         for depth in settings.depths:
             for i in range(settings.passkey_samples):
-                rng = random.Random(f"0:{length}:{depth:g}:{i}")
-                key = str(rng.randint(10_000, 99_999))
+                key, _ = seeded_key(0, length, depth, i)
                 try:
                     text, _ = prompt(tokenizer, filler, ". ", key, depth, budget)
                 except TaskInputError:  # the instructions alone need more tokens than this length (tiny tokenizers)

@@ -14,17 +14,14 @@ Metadata: ``max_seq_lengths``, ``depths`` (default 0, .25, .5, .75, 1), ``num_sa
 
 from __future__ import annotations
 
-import random
-
 import datasets
 
 from .common import (
     LENGTH_KEY, LengthMetricsTask, TaskInputError, check_fits, encode_kwargs, lengths_from, scored, text_from,
     tokenizer_from,
 )
-from .passkey_text import (  # noqa: F401  (re-exported)
-    ANSWER_TOKENS, INTRO, NEEDLE, QUESTION, REPEAT, TASK, assemble, first_number, prompt, prose_filler,
-    prose_with_tokens, repeat_filler,
+from .passkey_text import (  # noqa: F401  (NEEDLE, QUESTION: read by tests as passkey.*)
+    ANSWER_TOKENS, NEEDLE, QUESTION, TASK, first_number, prompt, prose_with_tokens, repeat_filler, seeded_key,
 )
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -59,8 +56,7 @@ def build_docs(metadata: dict, filler_kind: str) -> list[dict]:
         budget = length - ANSWER_TOKENS
         for depth in depths:
             for i in range(samples):
-                rng = random.Random(f"{seed}:{length}:{depth:g}:{i}")
-                key = str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+                key, rng = seeded_key(seed, length, depth, i, digits)
                 if prose is None:
                     filler, boundary = repeat_filler(tokenizer, budget), ". "
                 else:

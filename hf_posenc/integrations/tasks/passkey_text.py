@@ -23,6 +23,13 @@ NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 
 
+def seeded_key(seed, length: int, depth: float, sample: int, digits: int = 5) -> tuple[str, random.Random]:
+    """The passkey of doc (length, depth, sample) and the generator it came from (the prose filler draws its start
+    from it next): the same docs for the same seed wherever they are built."""
+    rng = random.Random(f"{seed}:{length}:{depth:g}:{sample}")
+    return str(rng.randint(10 ** (digits - 1), 10**digits - 1)), rng
+
+
 def assemble(before: str, key: str, after: str) -> str:
     """INTRO, filler before, needle, filler after, QUESTION (empty filler parts leave no gap)."""
     body = " ".join(part for part in (before, NEEDLE.format(key=key), after) if part)
