@@ -10,11 +10,12 @@ from .backends import BACKENDS, get_backend, set_backend
 from .config import FORMAT_VERSION, PosEncConfig
 from .convert import convert, from_pretrained, is_converted
 from .registry import available_methods, supported_archs
+from .restore import original_positions
 
 register()
 
 __version__ = "0.1.0"
 __all__ = [
     "ATTN_IMPLEMENTATION", "BACKENDS", "FORMAT_VERSION", "PosEncConfig", "available_methods", "convert", "from_pretrained",
-    "get_backend", "is_converted", "set_backend", "supported_archs",
+    "get_backend", "is_converted", "original_positions", "set_backend", "supported_archs",
 ]

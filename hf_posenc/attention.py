@@ -57,38 +57,55 @@ def attach_method(module: nn.Module, method: MethodRef | None) -> None:
         module.__dict__["_posenc_method"] = method
 
 
-def keep_mask(attention_mask, q_pos, k_pos, causal: bool, dtype) -> torch.Tensor | None:
+def future_keys(q_len: int, k_len: int, device) -> torch.Tensor:
+    """(1, 1, Lq, Lk) bool, True where a causal query may not look, when transformers passed no mask: by index,
+    with SDPA ``is_causal``'s convention, which transformers relies on when it skips the mask: one query sees
+    every key (a decode step), otherwise query i sees keys 0..i (Lq == Lk, or a static cache's first prefill,
+    whose slots past the queries are empty)."""
+    if q_len == 1:
+        return torch.zeros(1, 1, 1, k_len, dtype=torch.bool, device=device)
+    return (torch.arange(k_len, device=device)[None, :] > torch.arange(q_len, device=device)[:, None])[None, None]
+
+
+def keep_mask(attention_mask, q_len: int, k_len: int, causal: bool, dtype, device) -> torch.Tensor | None:
     """Additive float mask (B|1, 1, Lq, Lk): 0 where attended, dtype-min elsewhere; None if nothing is masked."""
     min_value = torch.finfo(dtype).min
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         return attention_mask.to(dtype)  # already additive
     keep = attention_mask
     if keep is None and causal:
-        keep = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, Lq, Lk)
+        keep = ~future_keys(q_len, k_len, device)
     if keep is None:
         return None
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, min_value)
 
 
-def biased_mask(method, attention_mask, q_pos, k_pos, causal: bool, dtype) -> torch.Tensor:
-    """(B|1, H, Lq, Lk) = position bias + mask, built once per forward and shared by every layer."""
+def mask_key(attention_mask) -> tuple | None:
+    """A memo key for the mask of this forward: its kind and shape (a value, not ``id()``: torch.compile guards on
+    memo keys). Within one forward every layer gets the same mask."""
+    return None if attention_mask is None else (tuple(attention_mask.shape), attention_mask.dtype)
 
-    def build():  # in place where autograd allows: one (B|1, H, Lq, Lk) tensor at the peak, not three
-        bias = method.score_bias(q_pos, k_pos).to(dtype).contiguous()[None]  # (1, H, Lq, Lk); SDPA reads a
+
+def biased_mask(method, attention_mask, q_pos, k_pos, causal: bool, dtype) -> torch.Tensor:
+    """(B|P, H, Lq, Lk) = position bias + mask, built once per forward and shared by every layer."""
+
+    def build():  # in place where autograd allows: one (B|P, H, Lq, Lk) tensor at the peak, not three
+        bias = method.score_bias(q_pos, k_pos).to(dtype).contiguous()  # (P, H, Lq, Lk); SDPA reads a
         min_value = torch.finfo(dtype).min  # permuted mask (T5's) several times slower
+        q_len, k_len = q_pos.shape[-1], k_pos.shape[-1]
         if attention_mask is not None and attention_mask.dtype != torch.bool:  # already additive
             return (bias + attention_mask.to(dtype)).clamp_min(min_value)
         if attention_mask is None:
-            if not causal or q_pos.numel() == 1:  # a decode step's query sees every key
+            if not causal or q_len == 1:  # a decode step's query sees every key
                 return bias
-            hidden = (k_pos[None, :] > q_pos[:, None])[None, None]  # (1, 1, Lq, Lk) the future
-        elif attention_mask.shape[0] == 1:
+            hidden = future_keys(q_len, k_len, bias.device)  # (1, 1, Lq, Lk)
+        elif attention_mask.shape[0] == 1 and bias.shape[0] == 1:
             hidden = ~attention_mask
         else:  # padding differs per row: (B, H, Lq, Lk)
             return torch.where(attention_mask, bias, min_value)
         return bias.masked_fill(hidden, min_value) if bias.requires_grad else bias.masked_fill_(hidden, min_value)
 
-    key = ("biased_mask", id(attention_mask), q_pos.numel(), k_pos.numel(), causal, dtype)
+    key = ("biased_mask", mask_key(attention_mask), tuple(q_pos.shape), tuple(k_pos.shape), causal, dtype)
     return method.shared(key, build)
 
 
@@ -120,13 +137,14 @@ def posenc_attention_forward(
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     causal = bool(getattr(module, "is_causal", True))
     query, key, value = autocast_inputs(query, key, value)
-    q_pos, k_pos = method.positions(query.shape[2], key.shape[2], query.device)
+    q_len, k_len = query.shape[2], key.shape[2]
+    q_pos, k_pos = method.positions(q_len, k_len, query.device)  # (P, Lq), (P, Lk)
     if method.rotate_in_attention:
         query, key = method.rotate(query, key, q_pos, k_pos)
 
     kernel = dispatch.choose_kernel(
         getattr(method, "backend", "auto"), method, query, key, value, attention_mask, causal, dropout,
-        attention_weights_requested(),
+        attention_weights_requested(), method.plain_positions(q_len, k_len, query.device),
     )
     gqa = key.shape[1] != query.shape[1]
     if kernel == "sdpa-windowed":
@@ -137,8 +155,8 @@ def posenc_attention_forward(
     if kernel == "sdpa-blocked":
         rows = min(sdpa_kernels.BLOCK_ROWS, query.shape[2])
         template = method.shared(
-            ("template", rows, k_pos.numel(), query.dtype),
-            lambda: sdpa_kernels.causal_template(method, k_pos, rows, query.dtype),
+            ("template", rows, k_len, query.dtype),
+            lambda: sdpa_kernels.causal_template(method, k_pos[0], rows, query.dtype),
         )
         out = sdpa_kernels.blocked_attention(query, key, value, template, attention_mask, scaling, dropout, gqa)
         return out, None
@@ -154,7 +172,7 @@ def posenc_attention_forward(
 
     if kernel == "eager":
         if mask is None or mask.dtype == torch.bool:
-            mask = keep_mask(mask, q_pos, k_pos, causal, query.dtype)
+            mask = keep_mask(mask, q_len, k_len, causal, query.dtype, query.device)
         return eager_attention(module, method, query, key, value, mask, dropout, scaling, q_pos, k_pos)
 
     kwargs.pop("is_causal", None)

@@ -35,28 +35,54 @@ def convert_main(argv: list[str]) -> int:
         help="a method option, repeatable (e.g. --option scaling=yarn --option factor=4); values parsed as JSON",
     )
     parser.add_argument("--max-position-embeddings", type=int, default=None, help="new position limit")
-    parser.add_argument("--model-class", default="AutoModelForCausalLM",
-                        help="transformers auto class to load with (AutoModelForMaskedLM for BERT, AutoModel, ...)")
+    parser.add_argument("--model-class", default=None,
+                        help="transformers class to load with (AutoModelForMaskedLM, AutoModel, ...); default: the "
+                        "class in the checkpoint's config.architectures (BertForMaskedLM, LlamaForCausalLM, ...)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out (only once the new model is completely saved)")
     args = parser.parse_args(argv)
 
     import transformers
 
+    from hf_posenc._fs import OutputExistsError, check_output_dir, replaced_dir
     from hf_posenc.sources import resolve_model
 
+    try:
+        check_output_dir(args.out, args.overwrite)  # before loading anything
+    except OutputExistsError as err:
+        parser.error(str(err))
     options = dict(_parse_option(o, parser) for o in args.option)
     args.model_path = resolve_model(args.model_path)
-    auto_class = getattr(transformers, args.model_class, None)
+    model_class = args.model_class or _checkpoint_class(args.model_path, parser)
+    auto_class = getattr(transformers, model_class, None)
     if auto_class is None:
-        parser.error(f"--model-class {args.model_class!r} is not a transformers class")
+        parser.error(f"--model-class {model_class!r} is not a transformers class")
     model = auto_class.from_pretrained(args.model_path)
     hf_posenc.convert(model, args.method, max_position_embeddings=args.max_position_embeddings, **options)
-    model.save_pretrained(args.out)
-    try:
-        transformers.AutoTokenizer.from_pretrained(args.model_path).save_pretrained(args.out)
-    except (OSError, ValueError):
-        print(f"note: no tokenizer found at {args.model_path}; saved the model only", file=sys.stderr)
-    print(f"saved {args.method} model to {args.out}; load it with hf_posenc.from_pretrained({args.out!r})")
+    with replaced_dir(args.out, args.overwrite) as tmp:  # saved beside --out, then renamed: never half-written
+        model.save_pretrained(tmp)
+        if not (tmp / "config.json").is_file():  # save_pretrained only logs some failures
+            raise OSError(f"saving the model to {tmp} wrote no config.json")
+        try:
+            transformers.AutoTokenizer.from_pretrained(args.model_path).save_pretrained(tmp)
+        except (OSError, ValueError):
+            print(f"note: no tokenizer found at {args.model_path}; saved the model only", file=sys.stderr)
+    print(f"saved {args.method} model ({type(model).__name__}) to {args.out}; load it with "
+          f"hf_posenc.from_pretrained({args.out!r})")
     return 0
+
+
+def _checkpoint_class(model_path: str, parser: argparse.ArgumentParser) -> str:
+    """The model class the checkpoint names in ``config.architectures``, so its head (and loss) is kept: a BERT
+    MLM checkpoint loads as BertForMaskedLM, not as the causal BertLMHeadModel AutoModelForCausalLM would pick."""
+    import transformers
+
+    named = transformers.AutoConfig.from_pretrained(model_path).architectures or []
+    known = [name for name in named if hasattr(transformers, name)]
+    if not known:
+        parser.error(f"{model_path} names no transformers model class in config.architectures ({named}); pass "
+                     "--model-class (e.g. AutoModelForCausalLM, AutoModelForMaskedLM, AutoModel)")
+    return known[0]
 
 
 def _parse_option(text: str, parser: argparse.ArgumentParser) -> tuple[str, object]:

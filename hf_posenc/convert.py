@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
+import threading
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -13,11 +16,11 @@ import transformers
 from torch import nn
 from transformers import PreTrainedModel
 
-from . import hub_code
+from . import _seams, hub_code, positions, restore
 from .arches.base import ArchSpec, IdentityRotary, MethodPositions, ZeroPositions, rms, set_submodule
 from .attention import ATTN_IMPLEMENTATION, MethodRef, attach_method, register
 from .backends import check_backend
-from .config import PosEncConfig
+from .config import MAX_POSITIONS, PosEncConfig
 from .methods.base import ModelShape, PositionMethod
 from .registry import arch_for, method_class
 
@@ -27,6 +30,7 @@ METHOD_MODULE = "posenc"  # the method (and its learned tables) is registered as
 def model_shape(spec: ArchSpec, model: PreTrainedModel) -> ModelShape:
     config, base = model.config, model.base_model
     table = base.get_submodule(spec.position_table) if spec.position_table else None
+    embeddings = model.get_input_embeddings().weight
     rope_parameters = getattr(config, "rope_parameters", None) or {}
     return ModelShape(
         num_heads=config.num_attention_heads,
@@ -38,9 +42,14 @@ def model_shape(spec: ArchSpec, model: PreTrainedModel) -> ModelShape:
         original_max_positions=config.max_position_embeddings,
         native_rotary=spec.rotary is not None,
         native_rope_theta=rope_parameters.get("rope_theta") if spec.rotary else None,
-        replaced_position_rms=rms(table.weight) if isinstance(table, nn.Embedding) else None,
-        token_embedding_rms=rms(model.get_input_embeddings().weight),
+        replaced_position_rms=_rms(table.weight) if isinstance(table, nn.Embedding) else None,
+        token_embedding_rms=_rms(embeddings),
+        weights_known=not embeddings.is_meta,
     )
+
+
+def _rms(weight: torch.Tensor) -> float | None:
+    return None if weight.is_meta else rms(weight)  # a model built on the meta device has no values yet
 
 
 def is_converted(model: nn.Module) -> bool:
@@ -52,9 +61,12 @@ def convert(model: PreTrainedModel, method: str | PosEncConfig, /, max_position_
     """Replace ``model``'s position encoding by ``method`` in place and return the model.
 
     ``options`` are the method's own (see ``docs/methods.md``); ``max_position_embeddings`` is the new limit
-    written to the config (default 16x the old one, at least 8192); ``backend`` the attention backend ('auto',
-    'sdpa', 'flex', 'eager'; see ``docs/performance.md``; switch later with ``hf_posenc.set_backend``). The
+    written to the config (default 16x the old one, at least 8192, at most 2**26); ``backend`` the attention
+    backend ('auto', 'sdpa', 'flex', 'eager'; see ``docs/performance.md``; switch later with ``set_backend``). The
     pretrained weights are kept; the old position table is removed. On any error the model is left unchanged.
+    The model gets its own copy of its config (other models built from the same config object stay as they are).
+    A model on the meta device converts too; defaults that measure the weights (sinusoidal ``scale``) must then
+    be given. Convert the model itself, before PEFT wraps it or ``torch.compile`` compiles it.
     """
     register()
     if isinstance(method, PosEncConfig):
@@ -66,7 +78,12 @@ def convert(model: PreTrainedModel, method: str | PosEncConfig, /, max_position_
     else:
         posenc = PosEncConfig(method, options, max_position_embeddings, backend="auto" if backend is None else backend)
     if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"convert expects a transformers PreTrainedModel, got {type(model).__name__}")
+        raise TypeError(_not_a_transformers_model(model))
+    if getattr(model, "peft_config", None) is not None:  # PEFT injected adapter layers (get_peft_model, add_adapter)
+        raise ValueError(
+            f"this {type(model).__name__} has PEFT adapters in it: convert the base model first, then add the "
+            "adapters (model = hf_posenc.convert(model, ...); model = get_peft_model(model, lora_config))"
+        )
     if is_converted(model):
         raise ValueError(
             f"this model is already converted to {model.config.posenc['method']!r}; converting twice would stack "
@@ -84,7 +101,8 @@ def convert(model: PreTrainedModel, method: str | PosEncConfig, /, max_position_
     options_obj = posenc.method_options()
     options_obj.validate(shape)
     options_obj = options_obj.resolve(shape)
-    new_limit = posenc.max_position_embeddings or max(16 * shape.original_max_positions, 8192)
+    default_limit = min(max(16 * shape.original_max_positions, 8192), MAX_POSITIONS)  # a reload checks the cap
+    new_limit = posenc.max_position_embeddings or default_limit
     if new_limit < shape.original_max_positions:
         raise ValueError(
             f"max_position_embeddings={new_limit} is below the model's current limit {shape.original_max_positions}"
@@ -95,13 +113,22 @@ def convert(model: PreTrainedModel, method: str | PosEncConfig, /, max_position_
     position_method.to(reference.dtype)
     native_rotary = _native_rotary(spec, model, position_method, shape) if spec.rotary else None
 
-    # ---- nothing above touched the model; nothing below can fail on user input ----
+    if spec.extend_limit is not None:  # the first change: it allocates, and leaves the model as it was if that fails
+        try:
+            spec.extend_limit(base, new_limit)
+        except (RuntimeError, MemoryError) as err:
+            raise ValueError(
+                f"max_position_embeddings={new_limit}: cannot allocate {spec.family}'s length buffers for it ({err}); "
+                "pass a smaller max_position_embeddings"
+            ) from err
+
+    # ---- nothing above changed the model (but for longer buffers); nothing below can fail on user input ----
+    _own_config(model)  # the caller's config object may be shared with other models: they stay unconverted
+    restore.stash(model, spec, posenc)  # what is replaced below, for hf_posenc.original_positions
     base.add_module(METHOD_MODULE, position_method)
     for module in attention:
         attach_method(module, MethodRef(base, METHOD_MODULE))
     _disable_native_positions(spec, model, position_method, native_rotary, reference.dtype)
-    if spec.extend_limit is not None:
-        spec.extend_limit(base, new_limit)
     model.config.max_position_embeddings = new_limit
     posenc.options = options_obj.to_dict()
     posenc.original_max_position_embeddings = shape.original_max_positions
@@ -110,23 +137,74 @@ def convert(model: PreTrainedModel, method: str | PosEncConfig, /, max_position_
     hub_code.mark_converted(model.config)  # same config class for everything else; saves a checkpoint that
     # plain transformers loads only correctly (trust_remote_code) or not at all (see hub_code)
     # position-only terms are memoised for one forward and shared by all layers
-    base.register_forward_pre_hook(_begin_forward)
-    base.register_forward_hook(_clear_memo)
+    base.register_forward_pre_hook(_begin_forward, with_kwargs=True)
+    base.register_forward_hook(_end_forward, with_kwargs=True)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
 
 
-def _begin_forward(base, *_args) -> None:
-    """Forward pre-hook of the base model. The method is looked up now, as the attention modules do."""
+def _not_a_transformers_model(model) -> str:
+    message = f"convert expects a transformers PreTrainedModel, got {type(model).__name__}"
+    modules = model.modules() if isinstance(model, nn.Module) else ()
+    inner = next((m for m in modules if isinstance(m, PreTrainedModel)), None)
+    if inner is None:
+        return message
+    return (
+        f"{message} wrapping a {type(inner).__name__} (PEFT, torch.compile, DDP, ...): convert the base model "
+        "first, then wrap or compile it (model = hf_posenc.convert(model, ...); then get_peft_model(model, ...) "
+        "or torch.compile(model))"
+    )
+
+
+def _own_config(model: PreTrainedModel) -> None:
+    """Give ``model`` (and every submodule that holds it, e.g. attention reads ``self.config._attn_implementation``)
+    a copy of its config, sub-configs included: models built from one config object share it."""
+    memo: dict[int, Any] = {}
+    copy.deepcopy(model.config, memo)  # memo: id(original object) -> its copy
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, transformers.PretrainedConfig) and id(value) in memo:
+                setattr(module, name, memo[id(value)])
+
+
+def _begin_forward(base, args, kwargs) -> None:
+    """Forward pre-hook of the base model. The method is looked up now, as the attention modules do; it learns the
+    positions of the keys already in the cache this forward extends."""
     checkpointing = base.training and torch.is_grad_enabled() and any(
         getattr(m, "gradient_checkpointing", False) for m in base.modules()
     )
-    getattr(base, METHOD_MODULE).begin_forward(share=not checkpointing)
+    past = positions.cached_positions(positions.cache_argument(kwargs))
+    getattr(base, METHOD_MODULE).begin_forward(share=not checkpointing, past_positions=past)
+    if base.config._attn_implementation != ATTN_IMPLEMENTATION and not restore.in_force(base):
+        _keep_the_method(base)
 
 
-def _clear_memo(base, *_args) -> None:
-    """Forward hook of the base model: drop this forward's shared terms."""
-    getattr(base, METHOD_MODULE).clear_memo()
+KERNEL_FOR_IMPLEMENTATION = {"eager": "eager", "sdpa": "sdpa"}  # transformers' names -> our backends
+
+
+def _keep_the_method(base) -> None:
+    """``model.set_attn_implementation("eager" | "sdpa")`` (what transformers' own errors advise) would run
+    transformers' kernels without the position method: keep the method and switch to our backend of that name
+    instead. Other implementations cannot run it: refused, naming the fix."""
+    from .backends import set_backend
+
+    asked = base.config._attn_implementation
+    if asked not in KERNEL_FOR_IMPLEMENTATION:
+        raise ValueError(
+            f"attn_implementation={asked!r} would drop this model's position method "
+            f"({base.config.posenc['method']!r}): a converted model runs attn_implementation={ATTN_IMPLEMENTATION!r}. "
+            f"Choose its kernel with hf_posenc.set_backend(model, one of 'auto', 'sdpa', 'flex', 'eager')."
+        )
+    set_backend(base, KERNEL_FOR_IMPLEMENTATION[asked])
+    base.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+def _end_forward(base, args, kwargs, output) -> None:
+    """Forward hook of the base model: drop this forward's shared terms; the returned cache keeps its keys'
+    positions."""
+    method = getattr(base, METHOD_MODULE)
+    positions.remember_positions(positions.cache_output(output), method.written_positions())
+    method.clear_memo()
 
 
 def _native_rotary(spec: ArchSpec, model, method: PositionMethod, shape: ModelShape) -> nn.Module:
@@ -139,13 +217,13 @@ def _native_rotary(spec: ArchSpec, model, method: PositionMethod, shape: ModelSh
         config.max_position_embeddings = method.options.original_max_positions
         device = next((b.device for b in old.buffers()), None)
         return type(old)(config).to(device)
-    return IdentityRotary(shape.head_dim)
+    return IdentityRotary(method, shape.head_dim)
 
 
 def _disable_native_positions(spec: ArchSpec, model, method: PositionMethod, rotary, dtype) -> None:
     base = model.base_model
     if spec.position_table:
-        table = MethodPositions(method, dtype) if method.embeds else ZeroPositions(model.config.hidden_size, dtype)
+        table = MethodPositions(method, dtype) if method.embeds else ZeroPositions(method, model.config.hidden_size, dtype)
         set_submodule(base, spec.position_table, table.to(next(model.parameters()).device))
     if rotary is not None:
         set_submodule(base, spec.rotary, rotary)
@@ -178,8 +256,12 @@ def from_pretrained(path: str | os.PathLike, *, model_class: type[PreTrainedMode
 
     ``model_class``: the transformers class to build (default: the saved ``config.architectures``), e.g.
     ``GPT2Model`` for the base model of a ``GPT2LMHeadModel`` checkpoint.
-    ``kwargs`` go to transformers' ``from_pretrained`` (``dtype``, ``device_map``, ...).
+    ``kwargs`` go to transformers' ``from_pretrained`` (``dtype``, ``device_map``, ``output_loading_info``, ...);
+    those that are config attributes (``num_labels=5``) go to the config, as transformers does. Weights missing
+    from the checkpoint (or unexpected, or mismatched) are warned about, as transformers does, except the ones
+    conversion explains: the removed position table and the method's own tables.
     """
+    output_loading_info = kwargs.pop("output_loading_info", False)
     hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
     config = kwargs.pop("config", None)  # copied: the caller's config object is left as it is
     config = hub_code.plain_config(config) if config is not None else hub_code.read_config(path, **hub_kwargs)
@@ -189,24 +271,96 @@ def from_pretrained(path: str | os.PathLike, *, model_class: type[PreTrainedMode
             f"{path} is not an hf_posenc checkpoint (its config has no 'posenc' entry). Load it with transformers' "
             "from_pretrained and call hf_posenc.convert(model, method)."
         )
-    posenc = PosEncConfig.from_dict(stored)
+    posenc = PosEncConfig.from_dict(stored, saved=True)
     arch_for(config)
     model_class = model_class or _model_class(config)
+    _apply_config_overrides(config, kwargs)
     # build the unconverted model (old limit, old position table) from the saved weights, then convert it
     config.max_position_embeddings = posenc.original_max_position_embeddings
     del config.posenc
-    quiet = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # expected: the old table is missing, the new tables unexpected
-    try:
-        model = model_class.from_pretrained(path, config=config, **kwargs)
-    finally:
-        transformers.logging.set_verbosity(quiet)
+    with _held_load_report():
+        model, info = model_class.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     before = set(model.state_dict())
     convert(model, posenc)
+    after = set(model.state_dict())
     new_keys = [k for k in model.state_dict() if k not in before]
     if new_keys:
         _load_tensors(model, path, new_keys, hub_kwargs)
-    return model
+    # conversion removed the old table (missing from the checkpoint) and added the method's (unexpected to it)
+    info = _unexplained_keys(info, explained=before ^ after, prefix=model.base_model_prefix + ".")
+    _warn_about_keys(model, path, info)
+    return (model, info) if output_loading_info else model
+
+
+# transformers' from_pretrained arguments that are also config attributes: they stay from_pretrained's
+_LOADING_ARGUMENTS = ("dtype", "torch_dtype", "quantization_config", "attn_implementation")
+
+
+def _apply_config_overrides(config, kwargs: dict) -> None:
+    """Move the kwargs that are config attributes (``num_labels=5``) onto ``config`` (our own copy), as transformers'
+    from_pretrained does when it reads the config itself."""
+    limit_keys = ("posenc", "max_position_embeddings", hub_code.limit_key(type(config)))
+    for key in [k for k in kwargs if hasattr(config, k) and k not in _LOADING_ARGUMENTS]:
+        if key in limit_keys:
+            raise ValueError(
+                f"{key}= cannot be overridden when loading a converted checkpoint: its position limit is "
+                "config.posenc['max_position_embeddings']. Load the original model and convert it with "
+                "max_position_embeddings=... instead"
+            )
+        setattr(config, key, kwargs.pop(key))
+
+
+@contextmanager
+def _held_load_report():
+    """Hold back transformers' weight-loading report of this thread while the unconverted model loads: it lists the
+    position table conversion removes as missing and the method's tables as unexpected. :func:`_warn_about_keys`
+    reports the rest. If loading fails (e.g. mismatched sizes), the report is shown as it was."""
+    logger, held, thread = logging.getLogger(_seams.LOAD_REPORT_LOGGER), [], threading.get_ident()
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.thread == thread and _seams.LOAD_REPORT_MARKER in record.getMessage():
+            held.append(record)
+            return False
+        return True
+
+    logger.addFilter(hold)
+    try:
+        yield
+    except BaseException:  # loading failed (mismatched sizes): the report says why
+        logger.removeFilter(hold)
+        for record in held:
+            logger.handle(record)
+        raise
+    finally:
+        logger.removeFilter(hold)
+
+
+def _unexplained_keys(info: dict, explained: set[str], prefix: str) -> dict:
+    """transformers' loading info without the keys conversion explains (named with or without the base model's
+    ``prefix``: a head checkpoint may be loaded as its base model, and the reverse)."""
+
+    def unexplained(key: str) -> bool:
+        return not {key, key.removeprefix(prefix), prefix + key} & explained
+
+    out = dict(info)
+    for name in ("missing_keys", "unexpected_keys"):
+        out[name] = type(info[name])(k for k in info[name] if unexplained(k))
+    # (key, shape in the checkpoint, shape in the model)
+    out["mismatched_keys"] = type(info["mismatched_keys"])(m for m in info["mismatched_keys"] if unexplained(m[0]))
+    return out
+
+
+def _warn_about_keys(model, path, info: dict) -> None:
+    problems = {name: sorted(info[name]) for name in ("missing_keys", "unexpected_keys")}
+    problems["mismatched_keys"] = sorted(f"{key} (checkpoint {list(saved)}, model {list(built)})"
+                                         for key, saved, built in info["mismatched_keys"])
+    problems = {name: keys for name, keys in problems.items() if keys}
+    if problems:  # where transformers' own report goes: its verbosity settings apply
+        listed = "; ".join(f"{name.replace('_', ' ')}: {', '.join(keys)}" for name, keys in problems.items())
+        logging.getLogger(_seams.LOAD_REPORT_LOGGER).warning(
+            f"loading {type(model).__name__} from {path}: {listed}. Missing or mismatched weights are newly "
+            "initialised (random): train them, or check that the checkpoint matches the model class"
+        )
 
 
 def _model_class(config) -> type[PreTrainedModel]:

@@ -255,7 +255,7 @@ class _AutoLoader:
         from .convert import convert
 
         config = plain_config(config)
-        posenc = PosEncConfig.from_dict(config.posenc)
+        posenc = PosEncConfig.from_dict(config.posenc, saved=True)
         del config.posenc
         config.max_position_embeddings = posenc.original_max_position_embeddings
         model = cls._model_class(config)._from_config(config, **kwargs)

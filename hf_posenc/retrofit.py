@@ -1,40 +1,92 @@
-"""``hf-posenc retrofit``: convert, fine-tune, evaluate original vs retrofit at long lengths, plot, report.
+"""``hf-posenc retrofit``: convert, fine-tune briefly, and score the original, the best training-free conversion and
+the retrofit inside and past the original's trained context, on the fine-tune corpus' held-out text and on a
+held-out corpus of another domain (so that forgetting shows).
 
-    hf-posenc retrofit --method alibi                       # quick offline default (SmolLM2-135M, ~10 min on CPU)
+    hf-posenc retrofit                                   # offline default: SmolLM2-135M, the recipe for its family
+    hf-posenc retrofit --method alibi                    # any method, same quick fine-tune
     hf-posenc retrofit --model gpt2 --method rope --steps 300 --seq-len 512 --eval-lengths 512,1024,2048,4096
 
-Each stage leaves its result in the output folder and is skipped when that result is already there, so an
-interrupted run picks up where it stopped: the fetched model (source cache), the fine-tune (its checkpoints,
-then the final model), and each model's evaluation (``eval/<label>.json``).
+Without ``--method`` the recipe measured best for the model's family runs (:data:`RECIPES`; the report says which
+and the measurement behind it). Each stage leaves its result in the output folder, keyed by everything that
+produced it, and is skipped when that result is there: the fetched model (source cache), the fine-tune
+(``finetune-<recipe>-<key>``: checkpoints, then the final model) and each model's scores (``eval/<label>-<key>.json``;
+those of the unconverted and the training-free models also in the source cache, as they do not depend on the run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
+import logging
 import math
 import os
-import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_TEXT = "shakespeare"
-# the quick preset: a brief full fine-tune at 256 tokens, scored at 1x / 2x / 4x that. Full, not LoRA: on
-# SmolLM2 -> ALiBi, 20 LoRA steps (r 16, 2 x 256 tokens) left held-out perplexity at 693 (256 tokens); 30 full
-# steps of 4 x 256 tokens at lr 3e-4 reached 139 (1e-3: 157). docs/extrapolation.md has the measurements.
-QUICK = {
-    "seq_len": 256, "batch_size": 4, "grad_accum": 1, "max_steps": 30, "lr": 3.0e-4, "warmup_steps": 5,
-    "eval_every": 0, "save_every": 10, "keep_checkpoints": 1, "log_every": 5, "eval_tokens": 1024,
-    "eval_multipliers": [1], "lora": None,
-}
-QUICK_EVAL = {"lengths": [256, 512, 1024], "num_tokens": 2048, "depths": [0.5], "num_samples": 2}
+OTHER_DOMAIN = "django-docs"  # held-out text of another domain than the fine-tune's (hf_posenc.sources)
+LAST_TOKENS = 1024  # the "last" perplexity: each window's last 1024 targets
 SKIPPED = "skipped"  # a length the original model cannot take (learned position table)
 TOO_SHORT = "n/a"  # passkey below PASSKEY_MIN tokens: the instructions alone fill the prompt
 PASSKEY_MIN = 256
+
+# the quick fine-tune every recipe starts from: full fine-tuning (on SmolLM2 -> ALiBi, 20 LoRA steps left held-out
+# perplexity at 693, 30 full steps at 146; docs/extrapolation.md), short windows, few steps
+QUICK = {
+    "seq_len": 512, "batch_size": 2, "grad_accum": 1, "max_steps": 40, "lr": 5.0e-5, "warmup_steps": 4,
+    "eval_every": 0, "save_every": 10, "keep_checkpoints": 1, "log_every": 5, "eval_tokens": 1024,
+    "eval_multipliers": [1], "lora": None, "report_to": ["none"],
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a retrofit converts to and how it fine-tunes; ``evidence`` is the measurement that chose it."""
+
+    name: str
+    method: str
+    options: dict
+    train: dict  # TrainConfig overrides on top of QUICK; "pose.factor" is turned into pose.target_length
+    evidence: str
+    training_free: bool = False  # also score the converted model before the fine-tune (a training-free baseline)
+    original_inside: bool = False  # the conversion equals the original up to the trained context (by construction)
+
+
+RECIPES: dict[str, Recipe] = {
+    # a model with a native rotary (Llama-style): its own RoPE scaled by Dynamic YaRN (= the original inside the
+    # trained context), PoSE positions up to 4x the trained context, distilled from the original
+    "rotary": Recipe(
+        name="dynamic-yarn-pose-distill", method="rope", options={"scaling": "dynamic_yarn", "factor": 4.0},
+        train={"pose": {"factor": 4, "chunks": 2}, "distill": {"weight": 1.0, "temperature": 1.0, "lm_weight": 0.0}},
+        evidence="docs/extrapolation.md section 2 (SmolLM2-135M, CPU): Dynamic YaRN x4 is the original up to 8k "
+                 "and the best training-free scaling past it; PoSE + self-distillation keeps it there",
+        training_free=True, original_inside=True),
+    # a learned absolute table (GPT-2, BERT): ALiBi, fine-tuned on the LM loss and distilled from the original
+    "learned": Recipe(
+        name="alibi-distill", method="alibi", options={},
+        train={"lr": 3.0e-4, "distill": {"weight": 1.0, "temperature": 1.0, "lm_weight": 1.0}},
+        evidence="docs/extrapolation.md section 1 (GPT-2 pretrained here): ALiBi is the flattest retrofit from 1x "
+                 "to 16x the trained length (148.9 / 146.5); self-distillation keeps the original's predictions"),
+}
+
+
+def family_recipe(spec) -> Recipe:
+    """The default recipe for an arch spec: by where its native positions live."""
+    return RECIPES["rotary" if spec.rotary is not None else "learned"]
+
+
+def method_recipe(method: str, options: dict) -> Recipe:
+    """``--method``: the quick fine-tune with the LM loss plus self-distillation, for any method."""
+    return Recipe(name=method, method=method, options=options,
+                  train={"distill": {"weight": 1.0, "temperature": 1.0, "lm_weight": 1.0}},
+                  evidence="chosen with --method")
 
 
 @dataclass
@@ -42,23 +94,33 @@ class Plan:
     """Everything the run will do, fixed before any work starts."""
 
     out: Path
+    recipe: Recipe
     train: Any  # hf_posenc.training.TrainConfig
+    trained_length: int  # the original's context (its position limit / trained RoPE context)
     lengths: list[int]
-    num_tokens: int
+    corpora: dict[str, Path]  # name -> held-out text file
+    eval_tokens: int
+    passkey_lengths: list[int]
     depths: list[float]
     num_samples: int
-    heldout: Path
-    steps: list[str] = field(default_factory=list)
+    model_location: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def finetune_dir(self) -> Path:
+        return Path(self.train.output_dir)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="hf-posenc retrofit",
-        description="Swap a model's position method, fine-tune it briefly, and compare it with the original on "
-        "held-out perplexity and passkey retrieval at several lengths. With only --method it runs an offline "
-        f"quick preset on {DEFAULT_MODEL} (about 10 minutes on 2 CPU cores). Re-running resumes.",
+        description="Swap a model's position method, fine-tune it briefly, and compare it with the original (and "
+        "the best training-free conversion) on held-out perplexity and passkey retrieval inside and past the "
+        f"original's context. With no arguments: an offline quick run on {DEFAULT_MODEL} with the recipe measured "
+        "best for its family. Re-running resumes.",
     )
-    parser.add_argument("--method", required=True, help="position method (hf_posenc.available_methods())")
+    parser.add_argument("--method", default=None,
+                        help="position method (hf_posenc.available_methods()); default: the family's recipe")
     parser.add_argument("--model", default=None,
                         help=f"hub name, local path or named offline source (default {DEFAULT_MODEL})")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a method option")
@@ -67,23 +129,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help=f"training text: a named corpus ({DEFAULT_TEXT}), a file or a folder")
     parser.add_argument("--heldout", default=None,
                         help="held-out text file for evaluation (needed with a file --data; default: the corpus' split)")
+    parser.add_argument("--other-heldout", default=None,
+                        help=f"held-out text of another domain: a named corpus or a file (default {OTHER_DOMAIN} with "
+                        "a named --data; 'none' to skip)")
     parser.add_argument("--steps", type=int, default=None, help="fine-tune steps")
     parser.add_argument("--seq-len", type=int, default=None, help="fine-tune length (tokens)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--full", action="store_true",
-                        help="full fine-tune even if --config asks for LoRA (the quick preset is full already)")
+    parser.add_argument("--full", action="store_true", help="full fine-tune even if --config asks for LoRA")
     parser.add_argument("--eval-lengths", default=None,
-                        help="comma-separated evaluation lengths (default: 1x, 2x, 4x the fine-tune length)")
+                        help="comma-separated evaluation lengths (default: 1/8, 1/2, 1 and 2 x the original's context)")
     parser.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens scored per length")
     parser.add_argument("--passkey-samples", type=int, default=None, help="passkey prompts per length and depth")
-    parser.add_argument("--out", default=None, help="output folder (default runs/retrofit-<model>-<method>)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/retrofit-<model>-<recipe>)")
     return parser.parse_args(argv)
 
 
-def positive_lengths(text: str | None, seq_len: int) -> list[int]:
+def positive_lengths(text: str | None, default: list[int]) -> list[int]:
     if text is None:
-        return [seq_len, 2 * seq_len, 4 * seq_len]
+        return default
     try:
         lengths = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -93,10 +157,16 @@ def positive_lengths(text: str | None, seq_len: int) -> list[int]:
     return sorted(set(lengths))
 
 
+def default_lengths(trained: int) -> list[int]:
+    """1/8, 1/2, 1 and 2 x the trained context: inside and past it (SmolLM2: 1k, 4k, 8k, 16k)."""
+    return sorted({max(16, trained // 8), max(16, trained // 2), trained, 2 * trained})
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
-    """Validate the method, options, config keys, lengths and held-out text before any work starts (the model
-    itself is checked, and its disk need, by :func:`fetch_model`)."""
+    """Validate the recipe, options, config keys, lengths and held-out texts before any work starts (the model's
+    own checks, and its disk need, are in :func:`fetch_model`)."""
     from .cli import _parse_option
+    from .registry import method_class
     from .training import load_config
 
     for name in ("steps", "seq_len", "batch_size", "eval_tokens", "passkey_samples"):
@@ -105,11 +175,18 @@ def make_plan(args: argparse.Namespace) -> Plan:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     model = args.model or DEFAULT_MODEL
     quick = args.config is None
-    overrides: dict[str, Any] = dict(QUICK) if quick else {}
+    options = dict(_parse_option(o, argparse.ArgumentParser()) for o in args.option)
+    if args.method is not None:
+        method_class(args.method)  # an unknown method fails before the model is read
+    positive_lengths(args.eval_lengths, [1])
+    spec, trained = model_facts(model)
+    recipe = method_recipe(args.method, options) if args.method else family_recipe(spec)
+    if options and not args.method:
+        recipe = replace(recipe, options={**recipe.options, **options}, training_free=False, original_inside=False)
+    overrides: dict[str, Any] = {**QUICK, **recipe.train} if quick else {}
     if args.full:
         overrides["lora"] = None
-    overrides.update({"model": model, "method": args.method,
-                      "method_options": dict(_parse_option(o, argparse.ArgumentParser()) for o in args.option)})
+    overrides.update({"model": model, "method": recipe.method, "method_options": recipe.options})
     data = args.data or (DEFAULT_TEXT if quick else None)
     if data is not None:
         overrides["data"] = {"text": data} if not Path(data).exists() else {"files": [data]}
@@ -118,41 +195,91 @@ def make_plan(args: argparse.Namespace) -> Plan:
     for flag, key in (("steps", "max_steps"), ("seq_len", "seq_len"), ("batch_size", "batch_size"), ("lr", "lr")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
+    pose = overrides.get("pose")
+    if isinstance(pose, dict) and "factor" in pose:  # PoSE up to factor x the trained context
+        overrides["pose"] = {"target_length": int(pose["factor"] * trained),
+                             **{k: v for k, v in pose.items() if k != "factor"}}
     slug = "-".join(Path(str(model)).name.split())
-    out = Path(args.out or f"runs/retrofit-{slug}-{args.method}")
-    overrides["output_dir"] = str(out / "finetune")
+    out = Path(args.out or f"runs/retrofit-{slug}-{recipe.name}")
+    overrides["output_dir"] = str(out / "finetune")  # replaced by the keyed folder below
     train = load_config(args.config, [], overrides)
-    lengths = positive_lengths(args.eval_lengths, train.seq_len)
+    train.output_dir = str(out / f"finetune-{recipe.name}-{stage_key(train_identity(train))}")
+    lengths = positive_lengths(args.eval_lengths, default_lengths(trained))
     plan = Plan(
-        out=out, train=train, lengths=lengths,
-        num_tokens=args.eval_tokens or (QUICK_EVAL["num_tokens"] if quick else 4 * max(lengths)),
-        depths=list(QUICK_EVAL["depths"]) if quick else [0.0, 0.5, 1.0],
-        num_samples=args.passkey_samples or (QUICK_EVAL["num_samples"] if quick else 5),
-        heldout=heldout_file(train),
+        out=out, recipe=recipe, train=train, trained_length=trained, lengths=lengths,
+        corpora=corpora(train, args.other_heldout),
+        eval_tokens=args.eval_tokens or max(lengths) // 2,
+        passkey_lengths=[n for n in lengths if PASSKEY_MIN <= n <= max(PASSKEY_MIN, trained // 2)],
+        depths=[0.25, 0.75], num_samples=args.passkey_samples or 2,
     )
     check_text(plan)
     return plan
 
 
-def heldout_file(train) -> Path:
-    """The held-out text evaluations read: the corpus' held-out split, or the training files' tail."""
+def model_facts(model: str):
+    """(arch spec, trained context) from the model's config alone (no weights are read)."""
+    import transformers
+
+    from .registry import arch_for
+    from .sources import SOURCES
+
+    if model in SOURCES and SOURCES[model].kind == "model":
+        from .sources import is_fetched, resolve_model
+
+        if not is_fetched(model):  # the config is only known once fetched: fetch now (the first stage anyway)
+            resolve_model(model)
+    from .sources import resolve_model
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(resolve_model(model))
+    except OSError as err:
+        raise ValueError(f"cannot read the model config of {model!r}: {err}") from None
+    spec = arch_for(config)
+    rope = getattr(config, "rope_parameters", None) or {}
+    trained = rope.get("original_max_position_embeddings") or config.max_position_embeddings
+    return spec, int(trained)
+
+
+def corpora(train, other: str | None) -> dict[str, Path]:
+    """{name: held-out file}: the fine-tune corpus' held-out text, then the other-domain one."""
     from . import sources
 
     if train.data.heldout_files:
-        return Path(train.data.heldout_files[0])
-    if train.data.text:
-        return sources.text_splits(train.data.text)["heldout"]
-    raise ValueError("retrofit needs held-out text: use a named corpus (--data shakespeare) or pass --heldout FILE")
+        first = {Path(train.data.heldout_files[0]).stem: Path(train.data.heldout_files[0])}
+    elif train.data.text:
+        first = {train.data.text: sources.text_splits(train.data.text)["heldout"]}
+    else:
+        raise ValueError("retrofit needs held-out text: use a named corpus (--data shakespeare) or pass --heldout FILE")
+    if other is None:
+        other = OTHER_DOMAIN if train.data.text else "none"
+    if other == "none":
+        return first
+    if Path(other).is_file():
+        return {**first, Path(other).stem: Path(other)}
+    return {**first, other: sources.text_splits(other)["heldout"]}
 
 
 def check_text(plan: Plan) -> None:
-    text = plan.heldout.read_text(errors="ignore")
-    # a crude lower bound: every token is at least one character
-    if len(text) < max(plan.lengths):
-        raise ValueError(
-            f"held-out text {plan.heldout} has {len(text)} characters, fewer than one {max(plan.lengths)}-token "
-            "window; use a longer text or shorter --eval-lengths"
-        )
+    for name, path in plan.corpora.items():
+        text = path.read_text(errors="ignore")
+        if len(text) < max(plan.lengths):  # a crude lower bound: every token is at least one character
+            raise ValueError(
+                f"held-out text {path} has {len(text)} characters, fewer than one {max(plan.lengths)}-token "
+                "window; use a longer text or shorter --eval-lengths"
+            )
+
+
+def train_identity(train) -> dict:
+    """What the fine-tuned model depends on: the config without where it goes and how often it reports."""
+    values = train.to_dict()
+    for key in ("output_dir", "resume_from", "log_every", "save_every", "keep_checkpoints", "report_to",
+                "eval_every", "rank_report"):
+        values.pop(key, None)
+    return values
+
+
+def stage_key(identity: Any) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def fetch_model(plan: Plan, margin: float | None = None) -> str:
@@ -160,6 +287,8 @@ def fetch_model(plan: Plan, margin: float | None = None) -> str:
     model's size free for checkpoints and the final model (default 3 with LoRA; 8 for a full fine-tune, whose
     checkpoints hold the weights and AdamW's two moments, two of them while the newest is written). Returns the
     model's location."""
+    import shutil
+
     margin = margin if margin is not None else (3.0 if plan.train.lora is not None else 8.0)
     from .sources import resolve_model
     from .training.model import inspect_model
@@ -178,6 +307,7 @@ def fetch_model(plan: Plan, margin: float | None = None) -> str:
             f"not enough disk: {free / 2**30:.1f} GiB free under {plan.out}, the fine-tune needs about "
             f"{margin * size / 2**30:.1f} GiB (checkpoints + final model); free space or pass --out elsewhere"
         )
+    plan.model_location = str(location)
     return str(location)
 
 
@@ -190,7 +320,7 @@ def finetune(plan: Plan) -> Path:
     """Run (or resume, or skip) the fine-tune; returns the final model directory."""
     from .training import list_checkpoints, train
 
-    out = Path(plan.train.output_dir)
+    out = plan.finetune_dir
     if (out / "config.json").is_file() and _finished(out):
         print(f"      found the fine-tuned model in {out}; skipping")
         return out
@@ -210,51 +340,110 @@ def _finished(out: Path) -> bool:
     return (out / METRICS_FILE).is_file() and any(row.get("final") for row in read_metrics(out))
 
 
-def evaluate(plan: Plan, label: str, load) -> dict[str, dict[str, float | str]]:
-    """{task: {length: value}} for one model; cached in ``eval/<label>.json`` with the settings it used."""
-    from .integrations.lm_eval_model import evaluate as lm_evaluate
+def finetune_summary(plan: Plan) -> dict:
+    """Training tokens and wall time of the fine-tune, from its metrics (summed over resumed sessions)."""
+    from .training import read_metrics
 
-    settings = {"lengths": plan.lengths, "num_tokens": plan.num_tokens, "depths": plan.depths,
-                "num_samples": plan.num_samples, "heldout": str(plan.heldout)}
-    cache = plan.out / "eval" / f"{label}.json"
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
-        if saved.get("settings") == settings:
-            print(f"      found {cache}; skipping")
-            return saved["scores"]
+    per_step = plan.train.batch_size * plan.train.grad_accum * plan.train.seq_len
+    steps, seconds = 0, 0.0
+    for row in read_metrics(plan.finetune_dir):  # step lines: tokens/s over the steps since the previous line
+        if row.get("tokens_per_s") and row.get("step", 0) > steps:
+            seconds += (row["step"] - steps) * per_step / row["tokens_per_s"]
+            steps = row["step"]
+    return {"steps": steps, "tokens": steps * per_step, "seconds": seconds or None}
+
+
+def eval_settings(plan: Plan) -> dict:
+    return {"lengths": plan.lengths, "eval_tokens": plan.eval_tokens, "last_tokens": LAST_TOKENS,
+            "corpora": {name: file_digest(path) for name, path in plan.corpora.items()},
+            "passkey": [plan.passkey_lengths, plan.depths, plan.num_samples]}
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def score_model(plan: Plan, label: str, identity: Any, load: Callable, shared: bool,
+                skip_inside: dict | None = None) -> dict:
+    """{"ppl": {corpus: {length: scores | SKIPPED}}, "passkey": {...}} for one model, cached under everything that
+    produced it: ``eval/<label>-<key>.json`` (and the source cache when ``shared``: the same model and settings give
+    the same scores in any run). ``skip_inside``: scores to reuse at lengths <= the trained context (a conversion
+    that equals the original there)."""
+    from . import __version__ as version
+    from .sources import cache_root
+
+    key = stage_key({"model": identity, "settings": eval_settings(plan), "hf_posenc": version})
+    places = [plan.out / "eval" / f"{label}-{key}.json"]
+    if shared:
+        places.append(cache_root() / "scores" / f"{key}.json")
+    for place in places:
+        if place.is_file():
+            print(f"      found {place}; skipping")
+            scores = json.loads(place.read_text())["scores"]
+            write_json(places[0], {"label": label, "identity": identity, "scores": scores})
+            return scores
     model, tokenizer, limit = load()
-    usable = [n for n in plan.lengths if limit is None or n <= limit]
-    metadata = {"text_file": str(plan.heldout), "num_tokens": plan.num_tokens, "depths": plan.depths,
-                "num_samples": plan.num_samples, "filler_file": str(plan.heldout)}
-    scores: dict[str, dict[str, float | str]] = {}
-    for task, lengths in (("posenc_ppl", usable), ("posenc_passkey", [n for n in usable if n >= PASSKEY_MIN])):
-        results = {}
-        if lengths:
-            results = lm_evaluate(model, tokenizer, tasks=[task], lengths=lengths, max_length=max(usable),
-                                  name=label, metadata=metadata, output_path=plan.out / "eval" / label)["results"][task]
-        scores[task] = {
-            str(n): results[f"{n},none"] if n in lengths else (SKIPPED if n not in usable else TOO_SHORT)
-            for n in plan.lengths
-        }
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": settings, "scores": scores}, indent=1))
-    os.replace(tmp, cache)
+    scores = compute_scores(plan, model, tokenizer, limit, skip_inside)
+    for place in places:
+        write_json(place, {"label": label, "identity": identity, "scores": scores})
+    del model
     return scores
 
 
-def load_original(plan: Plan):
+def compute_scores(plan: Plan, model, tokenizer, limit: int | None, skip_inside: dict | None) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .integrations.long_context import passkey_accuracy, passkey_docs, window_scores
+
+    usable = [n for n in plan.lengths if limit is None or n <= limit]
+    todo = [(name, n) for name in plan.corpora for n in usable
+            if not (skip_inside and n <= plan.trained_length)]
+    docs = passkey_docs(tokenizer, [n for n in plan.passkey_lengths if n in usable], plan.depths, plan.num_samples)
+    ppl: dict[str, dict[str, Any]] = {name: {} for name in plan.corpora}
+    with tqdm(total=sum(n for _, n in todo) + sum(len(d["ids"]) for d in docs), unit="tok", unit_scale=True,
+              desc="      scoring", leave=False) as bar:
+        for name, path in plan.corpora.items():
+            heldout = torch.tensor(tokenizer(path.read_text())["input_ids"])
+            for n in plan.lengths:
+                if n not in usable:
+                    ppl[name][str(n)] = SKIPPED
+                elif (name, n) not in todo:
+                    ppl[name][str(n)] = {**skip_inside["ppl"][name][str(n)], "same_as": "original"}
+                else:
+                    ppl[name][str(n)] = window_scores(model, heldout, n, max(n, plan.eval_tokens), LAST_TOKENS)
+                    bar.update(n)
+        passkey = passkey_accuracy(model, docs) if docs else {}
+        bar.update(sum(len(d["ids"]) for d in docs))
+    for n in plan.lengths:
+        if str(n) not in passkey:
+            passkey[str(n)] = SKIPPED if n not in usable else TOO_SHORT
+    return {"ppl": ppl, "passkey": passkey}
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def load_original(plan: Plan, convert: tuple[str, dict] | None = None):
     import torch
     import transformers
 
-    from .registry import arch_for
-    from .sources import resolve_model
+    import hf_posenc
 
-    location = resolve_model(plan.train.model)
-    model = transformers.AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(plan.train.tokenizer or location)
+    from .registry import arch_for
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(plan.model_location, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(plan.train.tokenizer or plan.model_location)
     learned = arch_for(model.config).position_table is not None  # a table that raises past its end
-    return model, tokenizer, model.config.max_position_embeddings if learned else None
+    limit = model.config.max_position_embeddings if learned else None
+    if convert is not None:
+        hf_posenc.convert(model, convert[0], **convert[1])
+        limit = None
+    return model, tokenizer, limit
 
 
 def load_retrofit(final: Path):
@@ -268,42 +457,69 @@ def load_retrofit(final: Path):
 
 
 # ---- report ------------------------------------------------------------------------------------------------
-def fmt(value: float | str, task: str) -> str:
+def cell(value: Any, metric: str) -> str:
     if isinstance(value, str):
         return value
-    if task == "posenc_ppl":
-        return f"{value:.2f}" if math.isfinite(value) else "inf"
-    return f"{value:.2f}"
+    number = value.get(metric) if isinstance(value, dict) else value
+    if not isinstance(number, (int, float)):
+        return value.get("error", "?") if isinstance(value, dict) else "?"
+    return f"{number:.2f}" if math.isfinite(number) else "inf"
 
 
-def report_table(plan: Plan, original: dict, retrofit: dict) -> str:
-    rows = ["| length | original ppl | retrofit ppl | original passkey | retrofit passkey |",
-            "|---:|---:|---:|---:|---:|"]
-    for n in plan.lengths:
-        key = str(n)
-        rows.append(
-            f"| {n} | {fmt(original['posenc_ppl'][key], 'posenc_ppl')} | {fmt(retrofit['posenc_ppl'][key], 'posenc_ppl')}"
-            f" | {fmt(original['posenc_passkey'][key], 'p')} | {fmt(retrofit['posenc_passkey'][key], 'p')} |"
-        )
-    return "\n".join(rows)
+def ppl_table(plan: Plan, rows: dict[str, dict], corpus: str, metric: str) -> str:
+    head = "| model | " + " | ".join(str(n) for n in plan.lengths) + " |"
+    lines = [head, "|---|" + "---:|" * len(plan.lengths)]
+    for label, scores in rows.items():
+        cells = [cell(scores["ppl"][corpus][str(n)], metric) for n in plan.lengths]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def write_report(plan: Plan, original: dict, retrofit: dict, seconds: float) -> Path:
-    train = plan.train
+def passkey_table(plan: Plan, rows: dict[str, dict]) -> str:
+    lengths = [str(n) for n in plan.lengths]
+    lines = ["| model | " + " | ".join(lengths) + " |", "|---|" + "---:|" * len(lengths)]
+    for label, scores in rows.items():
+        key = scores["passkey"]
+        cells = [f"{key[n]:.2f} ({key[n + '/n']})" if isinstance(key.get(n), float) else str(key.get(n, "—"))
+                 for n in lengths]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tables(plan: Plan, rows: dict[str, dict]) -> str:
+    parts = []
+    for corpus in plan.corpora:
+        parts.append(f"Held-out {corpus}: perplexity of each window's last {LAST_TOKENS} tokens (all tokens below)\n\n"
+                     + ppl_table(plan, rows, corpus, "last"))
+    for corpus in plan.corpora:
+        parts.append(f"Held-out {corpus}: perplexity of all tokens of each window\n\n"
+                     + ppl_table(plan, rows, corpus, "ppl"))
+    parts.append("Passkey accuracy (prompts per length in brackets)\n\n" + passkey_table(plan, rows))
+    return "\n\n".join(parts)
+
+
+def write_report(plan: Plan, rows: dict[str, dict], seconds: float) -> Path:
+    train, recipe, ft = plan.train, plan.recipe, finetune_summary(plan)
     mode = f"LoRA r={train.lora.r}" if train.lora is not None else "full fine-tune"
+    extras = ", ".join(f"{k} {v}" for k, v in (("PoSE", train.pose), ("distill", train.distill)) if v is not None)
+    wall = f"{ft['seconds']:.0f} s" if ft["seconds"] else "?"
     text = "\n".join([
-        f"# Retrofit: {train.model} -> {train.method}",
+        f"# Retrofit: {train.model} -> {recipe.method} {recipe.options or ''}",
         "",
-        f"Fine-tune: {train.max_steps} steps, {mode}, seq_len {train.seq_len}, batch {train.batch_size} x "
-        f"{train.grad_accum}, lr {train.lr}, on {train.data.text or train.data.files}. Method options: "
-        f"{train.method_options or 'defaults'}.",
-        f"Evaluation: held-out perplexity on {plan.num_tokens} tokens per length ({plan.heldout.name}); passkey "
-        f"accuracy over depths {plan.depths} x {plan.num_samples} prompts per length. `{SKIPPED}`: beyond the "
-        "original model's learned position table.",
+        f"Recipe `{recipe.name}`: {recipe.evidence}.",
         "",
-        report_table(plan, original, retrofit),
+        f"Fine-tune: {ft['steps']} steps ({ft['tokens']} training tokens, {wall}), {mode}, seq_len "
+        f"{train.seq_len}, batch {train.batch_size} x {train.grad_accum}, lr {train.lr}, on "
+        f"{train.data.text or train.data.files}{'; ' + extras if extras else ''}.",
+        f"Scored on held-out text the fine-tune never saw ({', '.join(plan.corpora)}): non-overlapping windows of "
+        f"each length ({plan.eval_tokens} tokens per length, at least one window); passkey over depths "
+        f"{plan.depths} x {plan.num_samples} prompts. `{SKIPPED}`: beyond the original's learned position table; "
+        "cells equal to the original's inside its context are so by construction (same logits, tested).",
         "",
-        f"Wall time of this run: {seconds:.0f} s (stages found done were skipped). Plots: plots/*.png.",
+        tables(plan, rows),
+        "",
+        f"Wall time of this run: {seconds:.0f} s (stages found done were skipped); stages: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in plan.timings.items()) + ". Plot: plots/perplexity.png.",
         "",
     ])
     path = plan.out / "report.md"
@@ -311,11 +527,82 @@ def write_report(plan: Plan, original: dict, retrofit: dict, seconds: float) -> 
     return path
 
 
-def plot(plan: Plan) -> list[Path]:
+def plot(plan: Plan, rows: dict[str, dict]) -> list[Path]:
     from .integrations import plotting
 
-    series, trained = plotting.collect(plotting.load_results([plan.out / "eval"]))
-    return plotting.plot(series, plan.out / "plots", trained)
+    series = {"perplexity": {}, "passkey": {}}
+    for label, scores in rows.items():
+        for corpus in plan.corpora:
+            points = [(n, scores["ppl"][corpus][str(n)]["last"]) for n in plan.lengths
+                      if isinstance(scores["ppl"][corpus][str(n)], dict) and "last" in scores["ppl"][corpus][str(n)]]
+            series["perplexity"][f"{label} [{corpus}]"] = points
+        series["passkey"][label] = [(n, scores["passkey"][str(n)]) for n in plan.lengths
+                                    if isinstance(scores["passkey"].get(str(n)), float)]
+    return plotting.plot(series, plan.out / "plots", {"trained": plan.trained_length})
+
+
+@contextlib.contextmanager
+def logs_to_file(out: Path):
+    """transformers', accelerate's and python's warnings go to ``<out>/retrofit.log`` instead of between the stage
+    lines; everything is put back on exit."""
+    from transformers.utils import logging as hf_logging
+
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "retrofit.log")
+    loggers = [logging.getLogger(name) for name in ("transformers", "accelerate", "peft", "py.warnings")]
+    saved = [(logger.handlers[:], logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+    logging.captureWarnings(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            yield
+    finally:
+        logging.captureWarnings(False)
+        for logger, (handlers, propagate) in zip(loggers, saved):
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+        handler.close()
+        del hf_logging  # imported so that transformers' root logger exists before it is redirected
+
+
+def run_stages(plan: Plan, started: float) -> dict[str, dict]:
+    recipe = plan.recipe
+    training_free = recipe.training_free
+    total = 5 + training_free
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        result = fn()
+        plan.timings[name] = time.perf_counter() - t0
+        return result
+
+    say(2, total, f"fine-tuning {recipe.method} {recipe.options or ''} for {plan.train.max_steps} steps at "
+                  f"{plan.train.seq_len} tokens (recipe {recipe.name})")
+    final = timed("fine-tune", lambda: finetune(plan))
+    rows: dict[str, dict] = {}
+    lengths = ", ".join(map(str, plan.lengths))
+    say(3, total, f"scoring the original at {lengths} on {', '.join(plan.corpora)}")
+    rows["original"] = timed("original", lambda: score_model(
+        plan, "original", {"model": plan.train.model}, lambda: load_original(plan), shared=True))
+    if training_free:
+        label = f"{recipe.method} {options_text(recipe.options)}, training-free"
+        say(4, total, f"scoring {label}" + (" past the trained context (the original inside it)"
+                                              if recipe.original_inside else ""))
+        rows[label] = timed("training-free", lambda: score_model(
+            plan, "training-free", {"model": plan.train.model, "method": recipe.method, "options": recipe.options},
+            lambda: load_original(plan, (recipe.method, recipe.options)), shared=True,
+            skip_inside=rows["original"] if recipe.original_inside else None))
+    say(total - 1, total, f"scoring the retrofit ({recipe.name})")
+    rows[f"retrofit ({recipe.name})"] = timed("retrofit", lambda: score_model(
+        plan, "retrofit", {"finetune": train_identity(plan.train)}, lambda: load_retrofit(final), shared=False))
+    return rows
+
+
+def options_text(options: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in options.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,26 +613,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"hf-posenc retrofit: error: {err}", file=sys.stderr)
         return 2
-    total = 5
+    total = 5 + plan.recipe.training_free
     say(1, total, f"getting the model {plan.train.model}")
     try:
         location = fetch_model(plan)
     except (ValueError, OSError) as err:
         print(f"hf-posenc retrofit: error: {err}", file=sys.stderr)
         return 2
-    print(f"      {location}")
-    say(2, total, f"fine-tuning {plan.train.method} for {plan.train.max_steps} steps at {plan.train.seq_len} tokens")
+    print(f"      {location}; recipe {plan.recipe.name}: {plan.recipe.evidence}")
     try:
-        final = finetune(plan)
-        say(3, total, f"evaluating the original model at {plan.lengths}")
-        original = evaluate(plan, "original", lambda: load_original(plan))
-        say(4, total, f"evaluating the retrofit ({plan.train.method}) at {plan.lengths}")
-        retrofit = evaluate(plan, f"retrofit-{plan.train.method}", lambda: load_retrofit(final))
+        with logs_to_file(plan.out):
+            rows = run_stages(plan, started)
     except KeyboardInterrupt as stop:
         print(f"\ninterrupted: {stop or 're-run the same command to resume'}", file=sys.stderr)
         return 130
-    say(5, total, "writing plots and the report")
-    plot(plan)
-    report = write_report(plan, original, retrofit, time.perf_counter() - started)
-    print("\n" + report_table(plan, original, retrofit) + f"\n\nreport: {report}")
+    say(total, total, "writing the plot and the report")
+    plot(plan, rows)
+    report = write_report(plan, rows, time.perf_counter() - started)
+    print("\n" + tables(plan, rows) + f"\n\nreport: {report}")
     return 0

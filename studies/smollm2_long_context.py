@@ -31,9 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-HEAD_CHUNK = 4096  # positions per lm_head call: (chunk, vocab) fp32 logits at a time, never (L, vocab)
+from hf_posenc.integrations.long_context import passkey_accuracy, passkey_docs, window_scores
 
 
 @dataclass(frozen=True)
@@ -84,81 +83,17 @@ def variants(settings: Settings) -> list[Variant]:
     ]
 
 
-# --- scoring -------------------------------------------------------------------------------------------------
-
-
-def autocast(device: torch.device):
-    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-@torch.no_grad()
-def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
-    """NLL of ids[1:] given the prefix, for one (L,) window: (L - 1,) fp32 on the CPU."""
-    device = model.device
-    with autocast(device):
-        hidden = model.base_model(input_ids=ids[None].to(device), use_cache=False).last_hidden_state[0, :-1]
-        head, targets = model.get_output_embeddings(), ids[1:].to(device)  # hidden (L - 1, D) predicts targets
-        out = [F.cross_entropy(head(hidden[s : s + HEAD_CHUNK]).float(), targets[s : s + HEAD_CHUNK], reduction="none")
-               for s in range(0, len(targets), HEAD_CHUNK)]
-    return torch.cat(out).cpu()
+# --- scoring: hf_posenc.integrations.long_context ----------------------------------------------------------
 
 
 def perplexities(model, heldout: torch.Tensor, settings: Settings) -> dict[str, dict[str, float]]:
     """{length: {"ppl": all targets, "last": the last ``last_tokens`` targets of each window, "windows": n}}."""
-    from hf_posenc.training.data import eval_windows
-
-    result = {}
-    for length in settings.lengths:
-        windows = eval_windows(heldout, length, settings.eval_tokens)  # (n, L)
-        if len(windows) == 0:
-            result[str(length)] = {"error": f"held-out text has {len(heldout)} tokens, fewer than {length}"}
-            continue
-        nll = torch.stack([token_nll(model, w) for w in windows])  # (n, L - 1)
-        result[str(length)] = {"ppl": math.exp(nll.double().mean()), "windows": len(windows),
-                               "last": math.exp(nll[:, -settings.last_tokens :].double().mean())}
-    return result
+    return {str(n): window_scores(model, heldout, n, settings.eval_tokens, settings.last_tokens)
+            for n in settings.lengths}
 
 
-def passkey_docs(tokenizer, settings: Settings) -> list[dict]:
-    """The posenc_passkey prompts (repeat filler), each with its answer tokens; built once for every model."""
-    from hf_posenc.integrations.tasks import TaskInputError
-    from hf_posenc.integrations.tasks.passkey_text import ANSWER_TOKENS, prompt, repeat_filler, seeded_key
-
-    docs = []
-    for length in settings.lengths:
-        budget = length - ANSWER_TOKENS
-        filler = repeat_filler(tokenizer, budget)
-        for depth in settings.depths:
-            for i in range(settings.passkey_samples):
-                key, _ = seeded_key(0, length, depth, i)
-                try:
-                    text, _ = prompt(tokenizer, filler, ". ", key, depth, budget)
-                except TaskInputError:  # the instructions alone need more tokens than this length (tiny tokenizers)
-                    continue
-                ids = tokenizer(text)["input_ids"]
-                full = tokenizer(text + " " + key)["input_ids"]
-                if full[: len(ids)] != ids:  # the answer must not merge with the prompt's last token
-                    raise RuntimeError(f"tokenizer merges the passkey into the prompt at length {length}")
-                docs.append({"length": length, "depth": depth, "ids": full, "answer_from": len(ids)})
-    return docs
-
-
-@torch.no_grad()
-def passkey_accuracy(model, docs: list[dict]) -> dict[str, float]:
-    """{"<L>": accuracy, "<L>@<depth>": accuracy}; hit = argmax reproduces every answer token."""
-    hits: dict[str, list[float]] = {}
-    device = model.device
-    for doc in docs:
-        ids = torch.tensor(doc["ids"], device=device)
-        a = doc["answer_from"]
-        with autocast(device):
-            hidden = model.base_model(input_ids=ids[None], use_cache=False).last_hidden_state[0, a - 1 : -1]
-            guess = model.get_output_embeddings()(hidden).argmax(-1)  # (answer tokens,)
-        hit = float(torch.equal(guess, ids[a:]))
-        for key in (str(doc["length"]), f"{doc['length']}@{doc['depth']:g}"):
-            hits.setdefault(key, []).append(hit)
-    return {key: sum(v) / len(v) for key, v in hits.items()}
+def passkey_prompts(tokenizer, settings: Settings) -> list[dict]:
+    return passkey_docs(tokenizer, settings.lengths, settings.depths, settings.passkey_samples)
 
 
 # --- models --------------------------------------------------------------------------------------------------
@@ -228,7 +163,7 @@ def run(settings: Settings, base: str, text: dict, out: Path, work: Path, budget
     results.setdefault("variants", {})
     tokenizer = transformers.AutoTokenizer.from_pretrained(base)
     heldout = torch.tensor(tokenizer(Path(text["heldout"]).read_text())["input_ids"])
-    docs = passkey_docs(tokenizer, settings)
+    docs = passkey_prompts(tokenizer, settings)
     cost = {"eval": None, "step": None}  # seconds per evaluation / per fine-tune step, once measured
 
     def save():

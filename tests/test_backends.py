@@ -229,7 +229,7 @@ def test_blocked_kernel_matches_a_full_bias_with_padding_and_cache():
     keep[1, :, :, :7] = False  # left padding of row 1
     template = kernels.causal_template(method, k_pos, 64, torch.float32)
     out = kernels.blocked_attention(query, key, value, template, keep, 0.25, 0.0, False)
-    bias = method.score_bias(k_pos[-q_len:], k_pos).float()
+    bias = method.score_bias(k_pos[None, -q_len:], k_pos[None])[0].float()
     expected = F.scaled_dot_product_attention(query, key, value, attn_mask=bias.masked_fill(~keep, float("-inf")),
                                               scale=0.25).transpose(1, 2)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)

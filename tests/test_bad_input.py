@@ -46,6 +46,13 @@ def assert_unchanged(model, before):
         ("shaw", {"max_distance": 0}, "option 'max_distance' must be an integer >= 1, got 0"),
         ("alibi", {"slope_scale": -1}, "option 'slope_scale'"),
         ("sinusoidal", {"base": 1}, "option 'base'"),
+        # non-finite numbers: nan compares False with every bound, inf passes an open one
+        ("alibi", {"slope_scale": float("nan")}, "option 'slope_scale' must be a finite number >= 1e-06, got nan"),
+        ("alibi", {"slope_scale": float("inf")}, "option 'slope_scale' must be a finite number >= 1e-06, got inf"),
+        ("rope", {"theta": float("nan")}, "option 'theta' must be a finite number"),
+        ("rope", {"factor": float("inf"), "scaling": "linear"}, "option 'factor' must be a finite number"),
+        ("sinusoidal", {"base": float("nan")}, "option 'base' must be a finite number"),
+        ("sinusoidal", {"scale": float("inf")}, "option 'scale' must be a finite number"),
         ("nope", {"anything": 1}, "unknown option(s) ['anything'] for method 'nope'; valid options: (none)"),
     ],
 )
@@ -64,8 +71,9 @@ def test_bad_position_limit_is_refused():
     before = snapshot(model)
     with pytest.raises(ValueError, match="below the model's current limit 64"):
         hf_posenc.convert(model, "alibi", max_position_embeddings=32)
-    with pytest.raises(ValueError, match="max_position_embeddings must be a positive integer"):
-        hf_posenc.convert(model, "alibi", max_position_embeddings="big")
+    for bad in ("big", float("nan"), float("inf"), 4096.0):
+        with pytest.raises(ValueError, match="max_position_embeddings must be a positive integer"):
+            hf_posenc.convert(model, "alibi", max_position_embeddings=bad)
     assert_unchanged(model, before)
 
 

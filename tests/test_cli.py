@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from tiny_models import OLD_LIMIT, tiny_model
 
 import hf_posenc
@@ -39,7 +43,8 @@ def test_convert_command_rejects_bad_method_before_writing(tmp_path):
 
 
 def test_console_script_help_lists_commands():
-    exe = shutil.which("hf-posenc")
+    # beside this interpreter first: `.venv/bin/python -m pytest` works without the venv on PATH
+    exe = shutil.which("hf-posenc", path=str(Path(sys.executable).parent)) or shutil.which("hf-posenc")
     assert exe, "the hf-posenc console script is not installed (pip install -e .)"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
     for name in cli.SUBCOMMANDS:
@@ -50,3 +55,79 @@ def test_console_script_help_lists_commands():
 
 def test_unknown_command_fails():
     assert cli.main(["frobnicate"]) == 2
+
+
+def checkpoint_dir(tmp_path, tokenizer_dir, family="gpt2", name="plain"):
+    src = tmp_path / name
+    tiny_model(family).save_pretrained(src)
+    shutil.copytree(tokenizer_dir, src, dirs_exist_ok=True)
+    return src
+
+
+def test_convert_keeps_the_checkpoints_own_head_class(tmp_path, tiny_tokenizer_dir):
+    """A BERT MLM checkpoint stays BertForMaskedLM (AutoModelForCausalLM would make it the causal BertLMHeadModel)."""
+    src, out = checkpoint_dir(tmp_path, tiny_tokenizer_dir, "bert"), tmp_path / "converted"
+    assert cli.main(["convert", "--model-path", str(src), "--method", "alibi", "--out", str(out)]) == 0
+    model = hf_posenc.from_pretrained(out)
+    assert type(model).__name__ == "BertForMaskedLM"
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
+    original = tiny_model("bert")
+    torch.testing.assert_close(model.cls.predictions.transform.dense.weight,
+                               original.cls.predictions.transform.dense.weight)  # the MLM head came along
+
+
+def test_convert_without_architectures_asks_for_model_class(tmp_path, tiny_tokenizer_dir, capsys):
+    src = checkpoint_dir(tmp_path, tiny_tokenizer_dir, "bert")
+    config = json.loads((src / "config.json").read_text())
+    del config["architectures"]
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["convert", "--model-path", str(src), "--method", "alibi", "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2 and "--model-class" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def convert(src, out, *extra):
+    return cli.main(["convert", "--model-path", str(src), "--method", "alibi", "--out", str(out), *extra])
+
+
+def test_convert_refuses_an_existing_file_or_a_non_empty_out(tmp_path, tiny_tokenizer_dir, capsys):
+    src = checkpoint_dir(tmp_path, tiny_tokenizer_dir)
+    file = tmp_path / "model.bin"
+    file.write_text("not a folder")
+    for extra in ((), ("--overwrite",)):
+        with pytest.raises(SystemExit) as exit_:
+            convert(src, file, *extra)
+        assert exit_.value.code == 2 and "existing file" in capsys.readouterr().err
+    assert file.read_text() == "not a folder"
+
+    other = checkpoint_dir(tmp_path, tiny_tokenizer_dir, "bert", name="other")
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    with pytest.raises(SystemExit) as exit_:
+        convert(src, other)
+    assert exit_.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before  # untouched
+
+
+def test_convert_overwrite_replaces_out_only_after_a_complete_save(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    src = checkpoint_dir(tmp_path, tiny_tokenizer_dir)
+    out = checkpoint_dir(tmp_path, tiny_tokenizer_dir, "bert", name="out")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_save = type(tiny_model("gpt2")).save_pretrained
+
+    def save_then_fail(self, path, **kwargs):  # config.json written, then the disk fills up
+        real_save(self, path, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        convert(src, out, "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old checkpoint, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "plain"]  # no temp folder left behind
+
+    monkeypatch.undo()
+    (out / "stale.txt").write_text("from the old folder")
+    assert convert(src, out, "--overwrite") == 0
+    assert type(hf_posenc.from_pretrained(out)).__name__ == "GPT2LMHeadModel"
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "plain"]

@@ -147,6 +147,7 @@ def test_ctrl_c_saves_and_two_plus_two_resumed_steps_equal_four_straight(family,
                                                                          text_path):
     model_dir = request.getfixturevalue(f"{family}_dir")
     resume = {**RESUME, "method": method}
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup / a background CI job
     straight = run(model_dir, tmp_path / "straight", text_path, SMALL, **resume)
 
     def interrupt_at_two(state):
@@ -157,7 +158,7 @@ def test_ctrl_c_saves_and_two_plus_two_resumed_steps_equal_four_straight(family,
     first = run(model_dir, resumed_dir, text_path, SMALL, callbacks=[interrupt_at_two], **resume)
     assert first.interrupted and first.step == 2 and first.checkpoint.name == "step-0000002"
     assert not (resumed_dir / "model.safetensors").exists()  # no final model for an interrupted run
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # the handler found is restored
 
     second = run(model_dir, resumed_dir, text_path, SMALL + ["--resume_from", "latest"], **resume)
     assert second.step == 4 and not second.interrupted
@@ -168,6 +169,49 @@ def test_ctrl_c_saves_and_two_plus_two_resumed_steps_equal_four_straight(family,
     with pytest.raises(ConfigError, match="batch_size: 4 -> 8"):
         run(model_dir, resumed_dir, text_path, SMALL + ["--resume_from", str(first.checkpoint)],
             **{**resume, "batch_size": 8})
+
+
+QUICK = dict(max_steps=2, eval_every=0, eval_multipliers=[1], eval_tokens=64, log_every=1, save_every=1)
+
+
+def test_an_output_dir_holding_another_runs_files_is_refused(gpt2_dir, tmp_path, text_path):
+    """Checkpoints and metrics carry the identity of the run that wrote them: another run into the same folder is
+    refused before training (fresh or `--resume_from latest` alike), and so is a checkpoint of another run; the
+    same run resumes, also with more steps."""
+    out = tmp_path / "out"
+    first = run(gpt2_dir, out, text_path, SMALL, **QUICK)
+    metrics = (out / "metrics.jsonl").read_text()
+
+    for argv in ([], ["--resume_from", "latest"]):
+        with pytest.raises(ConfigError, match=r"checkpoints of another run.*lr: 0.003 -> 0.001.*another output_dir"):
+            run(gpt2_dir, out, text_path, SMALL + argv, lr=1e-3, **QUICK)
+    with pytest.raises(ConfigError, match="method: alibi -> t5"):
+        run(gpt2_dir, out, text_path, SMALL, method="t5", **QUICK)
+    with pytest.raises(ConfigError, match="checkpoints of this run.*--resume_from latest"):
+        run(gpt2_dir, out, text_path, SMALL, **QUICK)  # a fresh start: `latest` would later pick the old ones
+    with pytest.raises(ConfigError, match=r"resume_from: .*step-0000002 was written by another run.*lr: 0.003"):
+        run(gpt2_dir, tmp_path / "new", text_path, SMALL + ["--resume_from", str(first.checkpoint)], lr=1e-3,
+            **QUICK)
+    assert (out / "metrics.jsonl").read_text() == metrics  # the refused runs wrote nothing
+
+    (out / "checkpoints" / ".step-0000003.partial").mkdir()  # a save cut short by a crash
+    more = run(gpt2_dir, out, text_path, SMALL + ["--resume_from", "latest"], **{**QUICK, "max_steps": 3})
+    assert more.step == 3 and (out / "checkpoints" / "step-0000003").is_dir()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp folder, no lock left
+    starts = [r for r in read_metrics(out) if r.get("event") == "start"]
+    assert len(starts) == 2 and starts[0]["run"] == starts[1]["run"]
+
+    with pytest.raises(ConfigError, match=r"checkpoints past step-0000002 \(step-0000003\)"):  # going back
+        run(gpt2_dir, out, text_path, SMALL + ["--resume_from", str(first.checkpoint)], **{**QUICK, "max_steps": 3})
+
+    shutil.rmtree(out / "checkpoints")  # the metrics (and the final model) identify the run too
+    with pytest.raises(ConfigError, match="metrics of another run.*lr: 0.003 -> 0.001"):
+        run(gpt2_dir, out, text_path, SMALL, lr=1e-3, **QUICK)
+    model_dir = tmp_path / "model_as_out"
+    shutil.copytree(gpt2_dir, model_dir)
+    with pytest.raises(ConfigError, match="holds a model"):  # output_dir = the model being fine-tuned
+        run(str(model_dir), model_dir, text_path, SMALL, **QUICK)
 
 
 def test_gradient_checkpointing_gives_the_same_steps(gpt2_dir, tmp_path, text_path):

@@ -43,9 +43,9 @@ def metadata(text_path, **extra) -> str:
     return json.dumps(values)
 
 
-def run_eval(model_args: str, tasks: str, meta: str, out: Path | None = None) -> int:
+def run_eval(model_args: str, tasks: str, meta: str, out: Path | None = None, *extra: str) -> int:
     argv = ["eval", "--model", "hf-posenc", "--model_args", model_args, "--tasks", tasks, "--metadata", meta,
-            "--device", "cpu"]
+            "--device", "cpu", *extra]
     return cli(argv + (["--output_path", str(out)] if out else []))
 
 
@@ -138,6 +138,24 @@ def test_plot_draws_the_eval_output(converted_run, tmp_path):
     assert trained == {"gpt2-alibi": OLD_LIMIT}
 
 
+def test_limit_keeps_every_length(checkpoints, text_path, tmp_path):
+    """Docs interleave the lengths: `--limit 2` scores one window of each length, not two of the shortest."""
+    rc = run_eval(f"pretrained={checkpoints['alibi']},max_length={max(LENGTHS)}", "posenc_ppl",
+                  metadata(text_path), tmp_path, "--limit", "2")
+    assert rc == 0
+    scores = read_results(tmp_path)["results"]["posenc_ppl"]
+    assert all(math.isfinite(scores[f"{n},none"]) for n in LENGTHS), scores
+
+
+def test_limit_that_leaves_a_metric_without_docs_is_refused(checkpoints, text_path, capsys):
+    # passkey: 2 lengths x 2 depths; --limit 2 covers both lengths but not every "<length>@<depth>"
+    rc = run_eval(f"pretrained={checkpoints['alibi']},max_length={max(LENGTHS)}", "posenc_passkey",
+                  metadata(text_path), None, "--limit", "2")
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--limit 2 leaves no document" in err and "NaN" in err and "--limit 4" in err
+
+
 # --- bad input ----------------------------------------------------------------------------------------------
 def test_learned_positions_refuse_max_length_past_the_table(checkpoints, text_path, capsys):
     rc = run_eval(f"pretrained={checkpoints['learned']},max_length=512", "posenc_ppl", metadata(text_path))
@@ -177,8 +195,11 @@ def tokenizer(tiny_tokenizer_dir):
     return transformers.AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
 
 
-def test_ppl_windows_are_consecutive_and_reject_short_text(tokenizer, text_path):
+def test_ppl_windows_are_consecutive_and_reject_short_text(tokenizer, tiny_tokenizer_dir, text_path):
     text = text_path.read_text()
+    docs = ppl.build(tokenizer=str(tiny_tokenizer_dir), text_file=str(text_path), max_seq_lengths=[256, 512],
+                     num_tokens=1024)
+    assert [d["posenc_length"] for d in docs["test"]] == [256, 512, 256, 512, 256, 256]  # interleaved (--limit)
     windows = ppl.windows(tokenizer, text, 256, 768)
     assert len(windows) == 3 and text.startswith(windows[0]["text"])
     assert text.index(windows[1]["text"]) < text.index(windows[2]["text"])
@@ -196,6 +217,8 @@ def passkey_docs(tokenizer_dir, text_path, kind="repeat", **extra):
 def test_passkey_docs_fit_their_length_with_the_needle_at_its_depth(tiny_tokenizer_dir, tokenizer, text_path, kind):
     docs = passkey_docs(tiny_tokenizer_dir, text_path, kind)
     assert len(docs) == 2 * 3 * 2
+    assert [d["posenc_length"] for d in docs[:4]] == [256, 1024, 256, 1024]  # lengths interleaved (--limit)
+    assert [d["depth"] for d in docs[:6]] == [0.0, 0.0, 0.5, 0.5, 1.0, 1.0]
     for doc in docs:
         budget = doc["posenc_length"] - passkey.ANSWER_TOKENS
         assert budget - 40 <= len(tokenizer.encode(doc["prompt"])) == doc["n_prompt_tokens"] <= budget

@@ -22,6 +22,7 @@ METHOD_CASES = {
     "rope-linear": {"scaling": "linear", "factor": 4.0},
     "rope-dynamic": {"scaling": "dynamic", "factor": 4.0},
     "rope-yarn": {"scaling": "yarn", "factor": 4.0},
+    "rope-dynamic_yarn": {"scaling": "dynamic_yarn", "factor": 4.0},
     "t5": {},
     "shaw": {"max_distance": 8},
     "sinusoidal": {},
@@ -223,8 +224,8 @@ def test_position_terms_built_once_per_forward(family, case, monkeypatch):
         monkeypatch.setattr(method, builder, lambda *a: calls.append(1) or original(*a))
     model(ids(2, 30))
     assert model.config.num_hidden_layers > 1
-    builds = [c for c in calls if not (isinstance(c, tuple) and c[0] == "positions")]
+    builds = [c for c in calls if not (isinstance(c, tuple) and c[0] in ("positions", "plain_positions"))]
     assert len(builds) == 1
     model(ids(2, 31))  # the memo is per forward: a new forward rebuilds once
-    builds = [c for c in calls if not (isinstance(c, tuple) and c[0] == "positions")]
+    builds = [c for c in calls if not (isinstance(c, tuple) and c[0] in ("positions", "plain_positions"))]
     assert len(builds) == 2

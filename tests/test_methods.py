@@ -39,9 +39,9 @@ def test_alibi_bias_penalises_distance_linearly():
     hf_posenc.convert(model, "alibi")
     method = model.base_model.posenc
     q_pos, k_pos = torch.arange(3, 6), torch.arange(6)
-    bias = method.score_bias(q_pos, k_pos)
+    bias = method.score_bias(q_pos[None], k_pos[None])  # (P, H, Lq, Lk)
     expected = -alibi_slopes(4)[:, None, None] * (q_pos[:, None] - k_pos[None, :]).abs()
-    torch.testing.assert_close(bias, expected)
+    torch.testing.assert_close(bias, expected[None])
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -50,17 +50,18 @@ def test_t5_bias_equals_bucket_lookup(causal):
 
     method = T5Bias(T5BiasOptions(num_buckets=16, max_distance=20), shape(causal=causal))
     torch.nn.init.normal_(method.relative_attention_bias.weight)
-    q_pos, k_pos = torch.arange(30, 70), torch.arange(70)
-    bias = method.score_bias(q_pos, k_pos)
+    q_pos = torch.stack([torch.arange(30, 70), torch.arange(40) * 3])  # P = 2 rows: plain, and with gaps
+    k_pos = torch.stack([torch.arange(70), torch.arange(70) * 2])
+    bias = method.score_bias(q_pos, k_pos)  # (P, H, Lq, Lk)
     buckets = T5Attention._relative_position_bucket(
-        k_pos[None, :] - q_pos[:, None], bidirectional=not causal, num_buckets=16, max_distance=20
+        k_pos[:, None, :] - q_pos[:, :, None], bidirectional=not causal, num_buckets=16, max_distance=20
     )
-    torch.testing.assert_close(bias, method.relative_attention_bias.weight[buckets].permute(2, 0, 1))
+    torch.testing.assert_close(bias, method.relative_attention_bias.weight[buckets].permute(0, 3, 1, 2))
 
 
 def test_t5_alibi_init_is_alibi_within_exact_buckets():
     method = T5Bias(T5BiasOptions(), shape(causal=True))
-    bias = method.score_bias(torch.arange(10), torch.arange(10))
+    bias = method.score_bias(torch.arange(10)[None], torch.arange(10)[None])[0]
     exact = -alibi_slopes(4)[:, None, None] * (torch.arange(10)[:, None] - torch.arange(10)[None, :])
     tril = torch.ones(10, 10).tril().bool()
     torch.testing.assert_close(bias[:, tril], exact[:, tril])  # distances < 16 have their own bucket
@@ -74,13 +75,13 @@ def test_shaw_terms_equal_explicit_loops():
         torch.nn.init.normal_(p)
     q = torch.randn(2, 4, 5, 8)
     probs = torch.softmax(torch.randn(2, 4, 5, 9), -1)
-    q_pos, k_pos = torch.arange(4, 9), torch.arange(9)
+    q_pos, k_pos = torch.arange(4, 9)[None], torch.arange(9)[None]
     keys, values = method.layers[1].keys, method.layers[1].values
     key_term = method.key_term(q, 1, q_pos, k_pos)
     value_term = method.value_term(probs, 1, q_pos, k_pos)
-    for i, qi in enumerate(q_pos.tolist()):
+    for i, qi in enumerate(q_pos[0].tolist()):
         expected_v = torch.zeros(2, 4, 8)
-        for j, kj in enumerate(k_pos.tolist()):
+        for j, kj in enumerate(k_pos[0].tolist()):
             a = max(-r, min(r, kj - qi)) + r
             torch.testing.assert_close(key_term[:, :, i, j], q[:, :, i] @ keys[a])
             expected_v += probs[:, :, i, j, None] * values[a]
@@ -129,7 +130,7 @@ def test_rope_rotation_equals_transformers_rotary(rope_parameters):
     pos = torch.arange(length)
     cos, sin = rotary(q, pos[None])
     expected_q, expected_k = apply_rotary_pos_emb(q, k, cos, sin)
-    got_q, got_k = ours.rotate(q, k, pos, pos)
+    got_q, got_k = ours.rotate(q, k, pos[None], pos[None])
     torch.testing.assert_close(got_q, expected_q)
     torch.testing.assert_close(got_k, expected_k)
 
@@ -137,7 +138,7 @@ def test_rope_rotation_equals_transformers_rotary(rope_parameters):
 def test_partial_rope_leaves_the_tail_dims_alone():
     ours = Rope(RopeOptions(theta=10000.0, fraction=0.5, original_max_positions=64), shape())
     q = torch.randn(1, 4, 10, 8)
-    rotated, _ = ours.rotate(q, q, torch.arange(10), torch.arange(10))
+    rotated, _ = ours.rotate(q, q, torch.arange(10)[None], torch.arange(10)[None])
     assert torch.equal(rotated[..., 4:], q[..., 4:])
     assert not torch.allclose(rotated[..., :4], q[..., :4])
 
@@ -210,3 +211,21 @@ def test_converted_model_keeps_pretrained_weights():
         assert torch.equal(after[key], value), key
     assert not any("wpe" in k for k in after)  # the learned table is gone, not silently kept
     assert isinstance(model, transformers.GPT2LMHeadModel)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_dynamic_yarn_is_the_original_inside_the_trained_context_and_yarn_past_it(family):
+    """Dynamic YaRN: s = clip(L / L_train, 1, factor). Inside L_train the unconverted model's logits; at 2 L_train
+    the logits of plain YaRN x2 (transformers' own yarn frequencies and attention scale)."""
+    x = torch.randint(4, 300, (1, 2 * OLD_LIMIT), generator=torch.Generator().manual_seed(0))
+    original = tiny_model(family) if family == "llama" else None
+    dynamic = tiny_model(family)
+    hf_posenc.convert(dynamic, "rope", scaling="dynamic_yarn", factor=4.0)
+    yarn2 = tiny_model(family)
+    hf_posenc.convert(yarn2, "rope", scaling="yarn", factor=2.0)
+    if original is not None:  # Llama: the native RoPE inside the trained context
+        torch.testing.assert_close(dynamic(x[:, :OLD_LIMIT]).logits, original(x[:, :OLD_LIMIT]).logits)
+    plain = tiny_model(family)
+    hf_posenc.convert(plain, "rope")
+    torch.testing.assert_close(dynamic(x[:, :OLD_LIMIT]).logits, plain(x[:, :OLD_LIMIT]).logits)
+    torch.testing.assert_close(dynamic(x).logits, yarn2(x).logits, atol=1e-5, rtol=0)

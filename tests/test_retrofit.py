@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
 
 import pytest
-from tiny_models import TEXT, tiny_model
+from tiny_models import DATA, TEXT, tiny_model
 
 from hf_posenc import retrofit
 
+OTHER = DATA / "other.txt"  # held-out text of another domain
+
 
 @pytest.fixture()
-def tiny_checkpoint(tmp_path, tiny_tokenizer_dir):
+def tiny_checkpoint(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("HF_POSENC_CACHE", str(tmp_path / "cache"))  # shared scores land here, not in ~/.cache
     path = tmp_path / "tiny-gpt2"
     tiny_model("gpt2").save_pretrained(path)
     for f in tiny_tokenizer_dir.iterdir():
@@ -22,11 +26,17 @@ def tiny_checkpoint(tmp_path, tiny_tokenizer_dir):
     return path
 
 
-def run(tmp_path, model, *extra):
-    argv = ["--model", str(model), "--method", "alibi", "--data", str(TEXT), "--heldout", str(TEXT),
-            "--steps", "3", "--seq-len", "32", "--batch-size", "2", "--eval-lengths", "32,64,256",
-            "--eval-tokens", "256", "--passkey-samples", "1", "--out", str(tmp_path / "run"), *extra]
+def run(tmp_path, model, *extra, method=("--method", "alibi")):
+    argv = ["--model", str(model), *method, "--data", str(TEXT), "--heldout", str(TEXT),
+            "--other-heldout", str(OTHER), "--steps", "3", "--seq-len", "32", "--batch-size", "2",
+            "--eval-lengths", "32,64,256", "--eval-tokens", "256", "--passkey-samples", "1",
+            "--out", str(tmp_path / "run"), *extra]
     return retrofit.main(argv)
+
+
+def scores(out, label):
+    (path,) = (out / "eval").glob(f"{label}-*.json")
+    return json.loads(path.read_text())["scores"]
 
 
 def test_retrofit_end_to_end_then_resume(tmp_path, tiny_checkpoint, capsys):
@@ -37,19 +47,45 @@ def test_retrofit_end_to_end_then_resume(tmp_path, tiny_checkpoint, capsys):
     out = tmp_path / "run"
     report = (out / "report.md").read_text()
     assert "| 256 |" in report and "skipped" in report  # the learned GPT-2 table stops at 64
-    original = json.loads((out / "eval" / "original.json").read_text())["scores"]
-    assert original["posenc_ppl"]["256"] == "skipped"
-    assert retrofit.TOO_SHORT == original["posenc_passkey"]["64"]
-    assert isinstance(original["posenc_ppl"]["64"], float)
-    retro = json.loads((out / "eval" / "retrofit-alibi.json").read_text())["scores"]
-    assert all(isinstance(v, float) for v in retro["posenc_ppl"].values())
+    assert "training tokens" in report and "distill" in report
+    original = scores(out, "original")
+    for corpus in ("tempest", "other"):  # the fine-tune's held-out text and the other-domain one
+        assert original["ppl"][corpus]["256"] == "skipped"
+        assert {"ppl", "last", "windows"} <= set(original["ppl"][corpus]["64"])
+        retro = scores(out, "retrofit")["ppl"][corpus]
+        assert all(math.isfinite(v["last"]) for v in retro.values())
+    assert retrofit.TOO_SHORT == original["passkey"]["64"]
     assert (out / "plots" / "perplexity.png").is_file()
+    assert (out / "retrofit.log").is_file()
 
     # a second run reuses every stage
     assert run(tmp_path, tiny_checkpoint) == 0
     again = capsys.readouterr().out
     assert "found the fine-tuned model" in again
     assert again.count("skipping") == 3
+
+
+def test_another_method_into_the_same_out_is_its_own_run(tmp_path, tiny_checkpoint, capsys):
+    """Stages are keyed by everything that produced them: a re-run with another method reuses only the original's
+    scores, never the first method's model (it used to, under the new method's title)."""
+    assert run(tmp_path, tiny_checkpoint) == 0
+    capsys.readouterr()
+    assert run(tmp_path, tiny_checkpoint, method=("--method", "t5")) == 0
+    again = capsys.readouterr().out
+    assert "found the fine-tuned model" not in again and again.count("skipping") == 1  # the original's scores
+    assert len(list((tmp_path / "run").glob("finetune-*"))) == 2
+    assert "-> t5" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_default_recipe_follows_the_family(tmp_path, tiny_checkpoint, capsys):
+    """No --method: a learned-table family (GPT-2) gets ALiBi + distillation; the report names the recipe."""
+    assert run(tmp_path, tiny_checkpoint, method=()) == 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "alibi-distill" in report and "measure" not in retrofit.RECIPES["learned"].name
+    from hf_posenc.registry import arch_for
+
+    llama = tiny_model("llama")
+    assert retrofit.family_recipe(arch_for(llama.config)).options["scaling"] == "dynamic_yarn"
 
 
 def test_retrofit_resumes_an_interrupted_finetune(tmp_path, tiny_checkpoint, capsys, monkeypatch):

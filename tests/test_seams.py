@@ -141,3 +141,27 @@ def test_decoder_layers_receive_position_ids():
     model.model.layers[0].register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
     model(torch.randint(4, 300, (1, 5)))
     assert seen.get("position_ids") is not None, moved("LlamaDecoderLayer(position_ids=...)", "for sinusoidal")
+
+
+def test_load_report_is_one_warning_on_its_logger(tmp_path):
+    """hf_posenc.from_pretrained holds back this report (it lists the replaced position tables) and warns about the
+    keys left. If the logger or marker moves, the report shows in full (noise, nothing hidden)."""
+    import logging
+
+    tiny_model("gpt2").save_pretrained(tmp_path)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(_seams.LOAD_REPORT_LOGGER)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()
+    logger.addHandler(handler)
+    try:
+        transformers.GPT2ForSequenceClassification.from_pretrained(tmp_path)  # no `score` in the checkpoint
+    finally:
+        logger.removeHandler(handler)
+        transformers.logging.set_verbosity(verbosity)
+    reports = [r.getMessage() for r in records if _seams.LOAD_REPORT_MARKER in r.getMessage()]
+    assert len(reports) == 1 and "score.weight" in reports[0], moved(
+        "from_pretrained's load report", "to hold it back while loading a converted checkpoint"
+    )

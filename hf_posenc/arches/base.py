@@ -53,38 +53,57 @@ def rms(weight: torch.Tensor) -> float:
     return float(weight.detach().float().pow(2).mean().sqrt())
 
 
-class ZeroPositions(nn.Module):
+class PositionStandIn(nn.Module):
+    """Base of the modules that replace a family's native position code. The model calls them with the
+    ``position_ids`` of this forward; they report those to the method (``method.set_query_positions``), so every
+    method uses the caller's positions. The method is held unregistered (it lives under base_model.posenc)."""
+
+    def __init__(self, method: nn.Module):
+        super().__init__()
+        self.__dict__["method"] = method
+
+    def report(self, position_ids: torch.Tensor) -> None:
+        self.method.set_query_positions(position_ids)
+
+
+class ZeroPositions(PositionStandIn):
     """Stands in for a removed learned position table: adds nothing, at any length."""
 
-    def __init__(self, hidden_size: int, dtype: torch.dtype):
-        super().__init__()
-        self.zero = nn.Buffer(torch.zeros(hidden_size, dtype=dtype), persistent=False)  # (E,)
+    def __init__(self, method: nn.Module, hidden_size: int, dtype: torch.dtype):
+        super().__init__(method)
+        self.hidden_size = hidden_size
+        # empty: holds no values (so to_empty after init on the meta device leaves nothing uninitialised), only
+        # the dtype / device the model is moved to
+        self.dtype_ref = nn.Buffer(torch.zeros(0, dtype=dtype), persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.zero.expand(*position_ids.shape, -1)  # (B, L, E), no memory
+        self.report(position_ids)
+        zero = torch.zeros((), dtype=self.dtype_ref.dtype, device=self.dtype_ref.device)
+        return zero.expand(*position_ids.shape, self.hidden_size)  # (B, L, E), no memory
 
 
-class MethodPositions(nn.Module):
+class MethodPositions(PositionStandIn):
     """Stands in for a learned position table with an absolute method's ``embed`` (e.g. sinusoidal)."""
 
     def __init__(self, method: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.__dict__["method"] = method  # unregistered: the method lives under base_model.posenc
+        super().__init__(method)
         self.dtype_ref = nn.Buffer(torch.zeros(0, dtype=dtype), persistent=False)  # follows .to(dtype)
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        self.report(position_ids)
         return self.method.embed(position_ids).to(self.dtype_ref.dtype)  # (B, L, E)
 
 
-class IdentityRotary(nn.Module):
+class IdentityRotary(PositionStandIn):
     """Stands in for a Llama-style rotary embedding: cos = 1, sin = 0, so ``apply_rotary_pos_emb`` is a no-op.
     The rotary is applied before the cache update, so this also keeps cached keys unrotated."""
 
-    def __init__(self, head_dim: int):
-        super().__init__()
+    def __init__(self, method: nn.Module, head_dim: int):
+        super().__init__(method)
         self.head_dim = head_dim
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.report(position_ids)
         shape = (*position_ids.shape, self.head_dim)  # (B, L, D)
         one = torch.ones((), dtype=x.dtype, device=x.device).expand(shape)
         return one, torch.zeros((), dtype=x.dtype, device=x.device).expand(shape)

@@ -6,6 +6,7 @@ Kernels: ``"eager"``; ``"sdpa"`` (one shared float mask); the query-block SDPA k
 of 64, fp32, torch 2.13):
 
 1. attention weights requested, or a method that needs the probabilities (Shaw) -> ``eager`` (any backend);
+   positions other than key indices (explicit ids with gaps, packed rows, static caches) -> ``sdpa``;
 2. no position bias (RoPE, NoPE, sinusoidal) -> ``sdpa``: the native kernel (``is_causal`` when unpadded);
 3. a relative bias (ALiBi, T5) on a causal model with at least ``BLOCKED_MIN_QUERIES`` queries:
    a. ALiBi on CPU, no padding mask (with autograd: no dropout) -> ``sdpa-windowed``;
@@ -43,11 +44,13 @@ def needs_grad(method, query, key, value) -> bool:
 
 
 def choose_kernel(backend: str, method, query, key, value, attention_mask, causal: bool, dropout: float,
-                  weights_requested: bool) -> str:
-    """The kernel for one call (see the module doc for the ``auto`` rules)."""
+                  weights_requested: bool, plain_positions: bool = True) -> str:
+    """The kernel for one call (see the module doc for the ``auto`` rules). ``plain_positions``: the positions are
+    key indices (one row, consecutive, queries last); the query-block and flex kernels assume it, so other
+    positions (explicit ids with gaps, packing, per-row offsets, a static cache's capacity) take ``sdpa``."""
     if weights_requested or method.has_relative_kv or backend == "eager":
         return "eager"
-    if backend == "sdpa":
+    if backend == "sdpa" or not plain_positions:
         return "sdpa"
     grad = needs_grad(method, query, key, value)
     if backend == "flex":

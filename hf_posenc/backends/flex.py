@@ -199,7 +199,8 @@ def flex_attention(method, query, key, value, attention_mask, scaling: float, ca
             score_mod_for(method, q_len, k_len, query.dtype, query.device),
         )
 
-    block_mask, score_mod = method.shared(("flex", id(attention_mask), q_len, k_len, query.device), build)
+    mask = None if attention_mask is None else (tuple(attention_mask.shape), attention_mask.dtype)  # not id():
+    block_mask, score_mod = method.shared(("flex", mask, q_len, k_len, query.device), build)  # compile guards
     if block_mask is None:
         return None
     for tensor in (query, key, value):  # heads and head dim never vary for a model: keep them out of the

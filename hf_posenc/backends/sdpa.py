@@ -41,8 +41,8 @@ def query_blocks(q_len: int, rows: int) -> list[tuple[int, int]]:
 def causal_template(method, k_pos: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
     """(1, H, rows, Lk), contiguous: bias of the last ``rows`` positions (as queries) against every key, causal mask
     included (dtype-min above the diagonal)."""
-    q_pos = k_pos[-rows:]
-    bias = method.score_bias(q_pos, k_pos).to(dtype).contiguous()  # (H, rows, Lk); T5's comes permuted
+    q_pos = k_pos[-rows:]  # k_pos (Lk,): key indices (plain positions)
+    bias = method.score_bias(q_pos[None], k_pos[None])[0].to(dtype).contiguous()  # (H, rows, Lk); T5's comes permuted
     future = k_pos[None, :] > q_pos[:, None]  # (rows, Lk)
     min_value = torch.finfo(dtype).min
     return (bias.masked_fill(future, min_value) if bias.requires_grad else bias.masked_fill_(future, min_value))[None]
@@ -321,11 +321,11 @@ def t5_banded_attention(method, query, key, value, scaling: float, rows: int = B
     k = key.repeat_interleave(groups, 1) if groups > 1 else key.contiguous()
     v = value.repeat_interleave(groups, 1) if groups > 1 else value.contiguous()
     positions = torch.arange(width + rows, device=query.device)
-    band = method.score_bias(positions[-rows:], positions).to(query.dtype).contiguous()  # (H, C, C + W)
+    band = method.score_bias(positions[None, -rows:], positions[None])[0].to(query.dtype).contiguous()  # (H, C, C + W)
     band = band.masked_fill_(positions[None, :] > positions[-rows:, None], torch.finfo(query.dtype).min)
     reach = method.options.max_distance
     far_positions = torch.arange(reach + 1, device=query.device)
-    far_bias = method.score_bias(far_positions[-1:], far_positions)[:, 0, 0].float()  # (H,) bias at distance >= R
+    far_bias = method.score_bias(far_positions[None, -1:], far_positions[None])[0, :, 0, 0].float()  # (H,) at >= R
     out = query.new_empty(batch, q_len, heads, dim)
     blocks = query_blocks(q_len, rows)
     steady = [a for a, b in blocks if b - a == rows and offset + a >= width]

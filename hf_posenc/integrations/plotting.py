@@ -14,10 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
+
+from .._fs import sibling
 
 PANELS = {
     "perplexity": ("Perplexity", ("posenc_ppl",)),
@@ -118,8 +121,9 @@ def plot(series: Series, out_dir: str | Path, trained: dict[str, int] | None = N
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-        path = out / f"{panel}.png"
-        fig.savefig(path, dpi=150)
+        path, tmp = out / f"{panel}.png", sibling(out / f"{panel}.png", "partial")
+        fig.savefig(tmp, dpi=150, format="png")
+        os.replace(tmp, path)  # an old plot stays whole until the new one is
         written.append(path)
     return written
 

@@ -1,6 +1,6 @@
 """ALiBi (Press et al., 2022): a fixed, per-head linear penalty on query-key distance, no learned parameters.
 
-bias[h, i, j] = -slope[h] * |i - j|. For causal models only j <= i survives the mask, so this is the paper's
+bias[h, i, j] = -slope[h] * |p_i - p_j| for query / key positions p (the caller's position ids). For causal models only j <= i survives the mask, so this is the paper's
 -slope * (i - j); encoders get the symmetric |i - j|.
 """
 
@@ -46,5 +46,5 @@ class Alibi(PositionMethod):
         return (alibi_slopes(self.shape.num_heads) * self.options.slope_scale).to(device)
 
     def score_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        distance = (q_pos[:, None] - k_pos[None, :]).abs().float()  # (Lq, Lk)
-        return -self.slopes(k_pos.device)[:, None, None] * distance  # (H, Lq, Lk) fp32
+        distance = (q_pos[:, None, :, None] - k_pos[:, None, None, :]).abs().float()  # (P, 1, Lq, Lk)
+        return -self.slopes(k_pos.device)[:, None, None] * distance  # (P, H, Lq, Lk) fp32

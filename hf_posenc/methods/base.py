@@ -1,13 +1,18 @@
 """The contract every position method follows, and the per-method options base class.
 
-Shapes: B batch, H query heads, Lq / Lk query / key length, D head dim, E hidden size.
-Positions are absolute key indices: ``k_pos = arange(Lk)`` (cache included) and ``q_pos = k_pos[-Lq:]``.
+Shapes: B batch, H query heads, Lq / Lk query / key length, D head dim, E hidden size; P = 1 or B: position
+tensors are (P, L), one row shared by the batch unless the rows differ (left padding, packing).
+Positions come from the caller: q_pos are the ``position_ids`` the model used for this forward (the model's
+stand-in modules report them with :meth:`PositionMethod.set_query_positions`), and k_pos are the positions every
+key was written with: those of the cached keys (kept on the cache object, see :mod:`hf_posenc.positions`)
+followed by q_pos. Where nothing reports positions, key indices: ``k_pos = arange(Lk)``, ``q_pos = k_pos[-Lq:]``.
 A method knows no model family and no harness: it sees tensors, a :class:`ModelShape` and its options.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -30,6 +35,7 @@ class ModelShape:
     native_rope_theta: float | None = None
     replaced_position_rms: float | None = None  # RMS of the learned position table being removed, if any
     token_embedding_rms: float | None = None
+    weights_known: bool = True  # False on the meta device: the *_rms statistics above are then None
 
 
 @dataclass
@@ -58,17 +64,60 @@ class MethodOptions:
         return dataclasses.asdict(self)
 
 
+def shared_rows(positions: torch.Tensor) -> torch.Tensor:
+    """(B, L) -> (1, L) when every row is the same (the common case: one row serves the batch)."""
+    if positions.dim() == 1:
+        return positions[None]
+    if positions.shape[0] > 1 and bool((positions == positions[:1]).all()):
+        return positions[:1]
+    return positions
+
+
+def join_positions(past: torch.Tensor | None, queries: torch.Tensor) -> torch.Tensor:
+    """(P, n) cached-key positions + (P', Lq) query positions -> (P'', n + Lq), rows broadcast."""
+    if past is None or past.shape[-1] == 0:
+        return queries
+    past = past.to(queries.device)
+    rows = max(past.shape[0], queries.shape[0])
+    if rows % past.shape[0] or rows % queries.shape[0]:
+        raise ValueError(
+            f"the cache holds positions for {past.shape[0]} rows but this forward has {queries.shape[0]}; "
+            "reorder or expand the cache with its own methods (they keep rows aligned)"
+        )
+    past = past.repeat_interleave(rows // past.shape[0], 0)
+    queries = queries.expand(rows, -1) if queries.shape[0] == 1 else queries
+    return shared_rows(torch.cat([past, queries], dim=-1))
+
+
+def key_positions(queries: torch.Tensor | None, past: torch.Tensor | None, q_len: int, k_len: int,
+                  device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_pos (P, Lq), k_pos (P, Lk)) from reported query positions and cached-key positions (either may be None)."""
+    if queries is None or queries.shape[-1] != q_len:  # nothing reported: key indices
+        queries = torch.arange(k_len - q_len, k_len, device=device)[None]
+    queries = shared_rows(queries.to(device).long())
+    if past is None and k_len > q_len:  # a cache we never saw: its keys are at their indices
+        past = torch.arange(k_len - q_len, device=device)[None]
+    keys = join_positions(past, queries)
+    if keys.shape[-1] > k_len:  # a sliding-window cache returned only its last Lk keys
+        keys = keys[:, -k_len:]
+    elif keys.shape[-1] < k_len:  # a static cache: Lk is its capacity; unwritten slots are masked
+        keys = torch.nn.functional.pad(keys, (0, k_len - keys.shape[-1]))
+    return queries, keys
+
+
 def help_field(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
 def check_range(name: str, value: Any, low: float, high: float | None = None, integer: bool = False) -> None:
-    """Raise ``ValueError`` unless ``low <= value (<= high)``; names the option and the range."""
+    """Raise ``ValueError`` unless ``low <= value (<= high)`` and finite; names the option and the range."""
     kind = int if integer else (int, float)
     bad_type = isinstance(value, bool) or not isinstance(value, kind)
-    if bad_type or value < low or (high is not None and value > high):
+    # nan compares False with everything and inf passes an open range: both are refused explicitly
+    non_finite = isinstance(value, float) and not math.isfinite(value)
+    if bad_type or non_finite or value < low or (high is not None and value > high):
         span = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        what = "an integer" if integer else "a number"
+        what = "an integer" if integer else "a finite number" if non_finite else "a number"
         raise ValueError(f"option '{name}' must be {what} {span}, got {value!r}")
 
 
@@ -76,7 +125,7 @@ class PositionMethod(nn.Module):
     """One position method. Subclasses set the capability flags and implement the matching hooks.
 
     - ``rotate(q, k, q_pos, k_pos)``: RoPE-like methods change q (B,H,Lq,D) and k (B,Hkv,Lk,D).
-    - ``score_bias(q_pos, k_pos) -> (H, Lq, Lk)``: a position-only additive bias (ALiBi, T5).
+    - ``score_bias(q_pos, k_pos) -> (P, H, Lq, Lk)``: a position-only additive bias (ALiBi, T5).
     - ``key_term(q, layer_idx, q_pos, k_pos) -> (B,H,Lq,Lk)`` and ``value_term(probs, layer_idx, q_pos, k_pos)
       -> (B,H,Lq,D)``: content-dependent relative terms (Shaw); they need the probabilities, so eager attention.
     - ``embed(position_ids) -> (B|1, L, E)``: absolute methods, added at the embedding layer.
@@ -96,6 +145,8 @@ class PositionMethod(nn.Module):
         self.shape = shape
         self._memo: dict[tuple, Any] = {}
         self._share = True
+        self._query_positions: torch.Tensor | None = None  # (B|1, Lq), this forward's position_ids
+        self._past_positions: torch.Tensor | None = None  # (P, n), the cached keys' positions
 
     # -- per-forward memo -------------------------------------------------------------------------------
     def shared(self, key: tuple, build: Callable[[], Any]) -> Any:
@@ -109,21 +160,44 @@ class PositionMethod(nn.Module):
     def clear_memo(self, *_args: Any, **_kwargs: Any) -> None:
         self._memo.clear()
 
-    def begin_forward(self, share: bool = True) -> None:
+    def begin_forward(self, share: bool = True, past_positions: torch.Tensor | None = None) -> None:
         """Called before each forward of the model. ``share=False`` under activation checkpointing: a layer that is
         recomputed in backward must redo exactly what it did in forward, so each layer builds its own terms (in
-        forward the first layer built them; in the recompute, whichever layer runs first would)."""
+        forward the first layer built them; in the recompute, whichever layer runs first would).
+        ``past_positions`` (P, n): the positions of the n keys already in the cache (None: no cache seen)."""
         self._memo.clear()
         self._share = share
+        self._query_positions = None
+        self._past_positions = past_positions
+
+    def set_query_positions(self, position_ids: torch.Tensor) -> None:
+        """The (B|1, Lq) ``position_ids`` of this forward, reported by the module that consumes them."""
+        self._query_positions = position_ids
 
     def positions(self, q_len: int, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q_pos (Lq,), k_pos (Lk,)): absolute key indices; the queries are the last Lq keys."""
+        """(q_pos (P, Lq), k_pos (P, Lk)) long: the caller's positions for the queries, and for the keys the
+        positions they were written with (see the module doc). Key slots past the written ones (a static cache's
+        capacity) get position 0; the attention mask hides them."""
+        return self.shared(("positions", q_len, k_len, device), lambda: key_positions(
+            self._query_positions, self._past_positions, q_len, k_len, device))
 
+    def written_positions(self) -> torch.Tensor | None:
+        """(P, n + Lq): positions of every real key the cache holds after this forward (None: nothing reported)."""
+        if self._query_positions is None:
+            return None
+        return join_positions(self._past_positions, shared_rows(self._query_positions.long()))
+
+    def plain_positions(self, q_len: int, k_len: int, device: torch.device) -> bool:
+        """True when q_pos / k_pos are one row of consecutive integers with the queries the last Lq keys: what the
+        query-block and flex kernels assume (they work from key indices; a distance-only bias is shift-invariant)."""
         def build():
-            k_pos = torch.arange(k_len, device=device)
-            return k_pos[k_len - q_len :], k_pos
+            q_pos, k_pos = self.positions(q_len, k_len, device)
+            if k_pos.shape[0] != 1:
+                return False
+            steps = torch.arange(k_len, device=device) + k_pos[0, 0]
+            return bool(torch.equal(k_pos[0], steps)) and bool(torch.equal(q_pos[0], steps[k_len - q_len :]))
 
-        return self.shared(("positions", q_len, k_len, device), build)
+        return self.shared(("plain_positions", q_len, k_len, device), build)
 
     # -- hooks (overridden by the methods that declare the matching flag) ------------------------------
     @property

@@ -4,6 +4,12 @@ q_rot = q * cos(p * w) + rotate_half(q) * sin(p * w) on the first ``fraction`` o
 inverse frequencies w = theta^(-2i/d). Scaling (``linear`` = position interpolation, ``dynamic`` = NTK,
 ``yarn``) reuses transformers' own ``ROPE_INIT_FUNCTIONS``. On families that already apply RoPE (Llama-style),
 the arch re-configures the native rotary with :meth:`Rope.native_rope_parameters` instead of rotating twice.
+
+``dynamic_yarn`` (Peng et al. 2023, "Dynamic-YaRN"): YaRN whose scale follows the input, s = clip(L / L_train, 1,
+factor) for L = the longest position + 1. Inside the trained context s = 1: exactly the original rotary (the
+pretrained model is unchanged there); past it YaRN x s, up to ``factor``. transformers has no native equivalent, so
+it rotates in attention on every family; cached keys are re-rotated with the current scale, so a cache matches
+the full forward at every length.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from transformers import PretrainedConfig
 from .._seams import ROPE_INIT_FUNCTIONS
 from .base import MethodOptions, ModelShape, PositionMethod, check_range, help_field
 
-SCALINGS = ("linear", "dynamic", "yarn")
+SCALINGS = ("linear", "dynamic", "yarn", "dynamic_yarn")
+NATIVE_SCALINGS = (None, "linear", "dynamic", "yarn")  # what transformers' own rotary classes compute
 
 
 @dataclass
@@ -26,7 +33,8 @@ class RopeOptions(MethodOptions):
     )
     fraction: float = help_field(1.0, "fraction of each head's dims that rotate (partial rotary); in (0, 1]")
     scaling: str | None = help_field(
-        None, "context scaling: None, 'linear' (position interpolation), 'dynamic' (NTK) or 'yarn'"
+        None, "context scaling: None, 'linear' (position interpolation), 'dynamic' (NTK), 'yarn', or "
+        "'dynamic_yarn' (YaRN scaled by the input length: the original inside the trained context)"
     )
     factor: float = help_field(1.0, "scaling factor (new context / trained context); >= 1, > 1 with a scaling")
     original_max_positions: int | None = help_field(
@@ -74,26 +82,32 @@ class Rope(PositionMethod):
     def __init__(self, options: RopeOptions, shape: ModelShape):
         super().__init__(options, shape)
         self.rot_dim = rotary_dim(shape.head_dim, options.fraction)
-        # a throwaway config in the form transformers' RoPE init functions read
-        self.rope_config = PretrainedConfig(
-            hidden_size=shape.head_dim * shape.num_heads,
-            num_attention_heads=shape.num_heads,
-            head_dim=shape.head_dim,
-            max_position_embeddings=options.original_max_positions,
-        )
-        self.rope_config.rope_parameters = self.native_rope_parameters()
         # frequencies are recomputed in fp32 per forward (rot_dim/2 values): never rounded by .to(bfloat16)
-        _, self.attention_scaling = self._inv_freq(seq_len=None)
+        self.rope_config = self._rope_config(self.native_rope_parameters())
+
+    def _rope_config(self, rope_parameters: dict) -> PretrainedConfig:
+        """A throwaway config in the form transformers' RoPE init functions read."""
+        config = PretrainedConfig(
+            hidden_size=self.shape.head_dim * self.shape.num_heads,
+            num_attention_heads=self.shape.num_heads,
+            head_dim=self.shape.head_dim,
+            max_position_embeddings=self.options.original_max_positions,
+        )
+        config.rope_parameters = rope_parameters
+        return config
 
     @property
     def rotate_in_attention(self) -> bool:
-        # the native rotary of a Llama-style model can express full rotary; partial is done by us
-        return not (self.shape.native_rotary and self.options.fraction == 1.0)
+        # the native rotary of a Llama-style model can express full rotary with transformers' scalings; partial
+        # rotary and dynamic YaRN are done by us
+        native = self.options.fraction == 1.0 and self.options.scaling in NATIVE_SCALINGS
+        return not (self.shape.native_rotary and native)
 
     def native_rope_parameters(self) -> dict:
         """``config.rope_parameters`` in transformers' format for these options."""
         opts = self.options
-        params = {"rope_type": opts.scaling or "default", "rope_theta": float(opts.theta)}
+        kind = "yarn" if opts.scaling == "dynamic_yarn" else opts.scaling  # at its largest scale, for the record
+        params = {"rope_type": kind or "default", "rope_theta": float(opts.theta)}
         if opts.fraction != 1.0:
             params["partial_rotary_factor"] = opts.fraction
         if opts.scaling:
@@ -102,28 +116,53 @@ class Rope(PositionMethod):
         return params
 
     def _inv_freq(self, seq_len: int | None, device=None) -> tuple[torch.Tensor, float]:
-        if self.options.scaling is None:
-            exponents = torch.arange(0, self.rot_dim, 2, dtype=torch.float32, device=device) / self.rot_dim
-            return 1.0 / (self.options.theta**exponents), 1.0
-        init = ROPE_INIT_FUNCTIONS[self.options.scaling]
+        """(inverse frequencies (rot_dim/2,), cos/sin scale) for inputs whose longest position is ``seq_len`` - 1."""
+        opts = self.options
+        if opts.scaling is None:
+            return self._unscaled_inv_freq(device), 1.0
+        if opts.scaling == "dynamic_yarn":
+            scale = min(opts.factor, max(1.0, (seq_len or 0) / opts.original_max_positions))
+            if scale == 1.0:  # inside the trained context: the original frequencies, unscaled
+                return self._unscaled_inv_freq(device), 1.0
+            config = self._rope_config({**self.native_rope_parameters(), "factor": float(scale)})
+            return ROPE_INIT_FUNCTIONS["yarn"](config, device)
+        init = ROPE_INIT_FUNCTIONS[opts.scaling]
         return init(self.rope_config, device, seq_len=seq_len)
 
-    def cos_sin(self, k_pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each (Lk, rot_dim), for key positions; shared by all layers within a forward."""
+    def _unscaled_inv_freq(self, device) -> torch.Tensor:
+        exponents = torch.arange(0, self.rot_dim, 2, dtype=torch.float32, device=device) / self.rot_dim
+        return 1.0 / (self.options.theta**exponents)
+
+    def cos_sin(self, positions: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype):
+        """(cos, sin), each (P, 1, L, rot_dim), for ``positions`` (P, L) (the queries' or the keys'); shared by
+        all layers within a forward. The dynamic scalings follow the longest key position of each row,
+        ``max(k_pos) + 1`` (transformers' dynamic RoPE: ``max(position_ids) + 1`` over the batch)."""
 
         def build():
-            # dynamic NTK: the base grows with the current length; the others ignore seq_len
-            inv_freq, _ = self._inv_freq(seq_len=k_pos.numel(), device=k_pos.device)
-            freqs = k_pos[:, None].float() * inv_freq.float()[None, :]  # (Lk, rot_dim/2)
-            emb = torch.cat((freqs, freqs), dim=-1)  # (Lk, rot_dim)
-            return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+            inv_freq, scaling = self._row_frequencies(k_pos, positions.device)  # (P', rot_dim/2), (P', 1, 1, 1)
+            freqs = positions[..., None].float() * inv_freq[:, None, :]  # (P, L, rot_dim/2)
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (P, 1, L, rot_dim)
+            return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
-        return self.shared(("rope", k_pos.numel(), k_pos.device, dtype), build)
+        key = ("rope", tuple(positions.shape), tuple(k_pos.shape), positions.device, dtype)
+        return self.shared(key, build)
+
+    def _row_frequencies(self, k_pos: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse frequencies and cos/sin scale per row of positions. The dynamic scalings follow each row's
+        longest position (so left padding in a batch changes nothing); the others are the same for every row."""
+        if self.options.scaling not in ("dynamic", "dynamic_yarn"):
+            inv_freq, scaling = self._inv_freq(seq_len=None, device=device)
+            return inv_freq.float()[None], torch.tensor(float(scaling), device=device).reshape(1, 1, 1, 1)
+        lengths = (k_pos.amax(dim=-1) + 1).tolist()  # (P',)
+        per_length = {n: self._inv_freq(seq_len=n, device=device) for n in set(lengths)}
+        inv_freq = torch.stack([per_length[n][0].float() for n in lengths])
+        scaling = torch.tensor([float(per_length[n][1]) for n in lengths], device=device)
+        return inv_freq, scaling.reshape(-1, 1, 1, 1)
 
     def rotate(self, q, k, q_pos, k_pos):
-        cos, sin = self.cos_sin(k_pos, q.dtype)  # (Lk, rot_dim); queries are the last Lq keys
-        q_cos, q_sin = cos[-q.shape[2] :], sin[-q.shape[2] :]
-        return self._rotate_one(q, q_cos, q_sin), self._rotate_one(k, cos, sin)
+        q_cos, q_sin = self.cos_sin(q_pos, k_pos, q.dtype)
+        k_cos, k_sin = self.cos_sin(k_pos, k_pos, k.dtype)
+        return self._rotate_one(q, q_cos, q_sin), self._rotate_one(k, k_cos, k_sin)
 
     def _rotate_one(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x[..., : self.rot_dim], x[..., self.rot_dim :]

@@ -1,7 +1,7 @@
 """Shaw et al. (2018) relative position representations, on keys and values, per layer.
 
 e_ij = q_i (k_j + a^K_{c(j-i)})^T * scaling,   z_i = sum_j p_ij (v_j + a^V_{c(j-i)}),
-c(d) = clip(d, -R, R). Tables (2R+1, D) are shared by the heads of a layer, one pair per layer. Both start at
+c(d) = clip(d, -R, R), for the distance d = p_j - p_i of the caller's position ids. Tables (2R+1, D) are shared by the heads of a layer, one pair per layer. Both start at
 zero, so a freshly converted model computes exactly NoPE attention and fine-tuning grows the tables.
 """
 
@@ -41,18 +41,18 @@ class Shaw(PositionMethod):
         self.layers = nn.ModuleList(ShawTables(n, shape.head_dim) for _ in range(shape.num_layers))
 
     def distance_index(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """(Lq, Lk) index into the tables: clip(j - i, -R, R) + R. Shared by all layers."""
+        """(P, 1, Lq, Lk) index into the tables: clip(p_j - p_i, -R, R) + R. Shared by all layers."""
         r = self.options.max_distance
 
         def build():
-            return (k_pos[None, :] - q_pos[:, None]).clamp(-r, r) + r
+            return ((k_pos[:, None, :] - q_pos[:, :, None]).clamp(-r, r) + r)[:, None]
 
-        return self.shared(("shaw_index", q_pos.numel(), k_pos.numel(), k_pos.device), build)
+        return self.shared(("shaw_index", tuple(q_pos.shape), tuple(k_pos.shape), k_pos.device), build)
 
     def key_term(self, q, layer_idx, q_pos, k_pos):
         # q (B,H,Lq,D) @ a^K (D, 2R+1) -> (B,H,Lq,2R+1), then pick each pair's distance -> (B,H,Lq,Lk)
         per_distance = q @ self.layers[layer_idx].keys.to(q.dtype).T
-        index = self.distance_index(q_pos, k_pos).expand(*q.shape[:2], -1, -1)
+        index = self.distance_index(q_pos, k_pos).expand(q.shape[0], q.shape[1], -1, -1)  # (B, H, Lq, Lk)
         return per_distance.gather(-1, index)
 
     def value_term(self, probs, layer_idx, q_pos, k_pos):

@@ -30,6 +30,11 @@ class SinusoidalOptions(MethodOptions):
     def resolve(self, shape: ModelShape) -> "SinusoidalOptions":
         if self.scale is not None:
             return self
+        if not shape.weights_known:  # a fallback would be saved with the model and silently mis-scale it
+            raise ValueError(
+                "option 'scale'=None matches the RMS of the model's weights, which a model on the meta device does "
+                "not have: pass scale= explicitly, or convert after the weights are loaded"
+            )
         reference = shape.replaced_position_rms or shape.token_embedding_rms or 1.0
         # an unscaled table has RMS sqrt(1/2) (half sin, half cos)
         return SinusoidalOptions(base=self.base, scale=float(reference / math.sqrt(0.5)))

@@ -53,21 +53,23 @@ class T5Bias(PositionMethod):
         )
 
     def _initial_table(self) -> torch.Tensor:
+        """(buckets, H) fp32, whatever torch's default dtype (the embedding's copy_ casts it)."""
         opts = self.options
         if opts.init == "zeros":
-            return torch.zeros(opts.num_buckets, self.shape.num_heads)
+            return torch.zeros(opts.num_buckets, self.shape.num_heads, dtype=torch.float32)
         # smallest |distance| that lands in each bucket; buckets no distance reaches keep the largest one
         span = 4 * opts.max_distance
         distance = torch.arange(-span, span + 1)
         buckets = self.bucket(distance)
-        smallest = torch.full((opts.num_buckets,), float(span))
+        smallest = torch.full((opts.num_buckets,), float(span), dtype=torch.float32)
         smallest = smallest.scatter_reduce(0, buckets, distance.abs().float(), reduce="amin")
         return -smallest[:, None] * alibi_slopes(self.shape.num_heads)[None, :]  # (buckets, H)
 
     def score_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        # k - q only takes Lk + Lq - 1 values (q_pos are the last Lq of k_pos): look those up, then gather
-        q_len, k_len = q_pos.numel(), k_pos.numel()
-        distances = torch.arange(-(k_len - 1), q_len, device=k_pos.device)  # (Lk+Lq-1,)
-        per_distance = self.relative_attention_bias(self.bucket(distances))  # (Lk+Lq-1, H)
-        index = k_pos[None, :] - q_pos[:, None] + (k_len - 1)  # (Lq, Lk) into per_distance
-        return per_distance[index].permute(2, 0, 1)  # (H, Lq, Lk)
+        # k - q takes few distinct values (at most Lk + Lq - 1 for consecutive positions): look each distance up
+        # once, then gather
+        relative = k_pos[:, None, :] - q_pos[:, :, None]  # (P, Lq, Lk)
+        low, high = int(relative.min()), int(relative.max())
+        distances = torch.arange(low, high + 1, device=k_pos.device)
+        per_distance = self.relative_attention_bias(self.bucket(distances))  # (high - low + 1, H)
+        return per_distance[relative - low].permute(0, 3, 1, 2)  # (P, H, Lq, Lk)

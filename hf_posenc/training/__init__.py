@@ -8,13 +8,14 @@ line; docs/finetune.md lists every config key.
 """
 
 from .checkpointing import StopRequest, TrainState, list_checkpoints
-from .config import ConfigError, DataArgs, LoraArgs, TrainConfig, load_config, reference
+from .config import ConfigError, DataArgs, DistillArgs, LoraArgs, PoseArgs, TrainConfig, load_config, reference
 from .data import DataError
 from .loop import TrainResult, train
 from .metrics import METRICS_FILE, read_metrics
 from .model import load_finetuned
 
 __all__ = [
-    "ConfigError", "DataArgs", "DataError", "LoraArgs", "METRICS_FILE", "StopRequest", "TrainConfig", "TrainResult",
+    "ConfigError", "DataArgs", "DataError", "DistillArgs", "LoraArgs", "METRICS_FILE", "PoseArgs", "StopRequest",
+    "TrainConfig", "TrainResult",
     "TrainState", "list_checkpoints", "load_config", "load_finetuned", "read_metrics", "reference", "train",
 ]

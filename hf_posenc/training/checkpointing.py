@@ -3,10 +3,17 @@
 
 Layout: ``<output_dir>/checkpoints/step-0000200/``. The data position is the number of micro-batches each process
 has consumed; with the epoch-seeded shuffle it pins the next batch exactly, so 2 + 2 resumed steps equal 4.
+
+A run knows its own files by its *identity* (:func:`run_identity`: the config minus what may change on resume,
+plus the process count): each checkpoint's run.json holds it, each ``start`` line of metrics.jsonl its
+fingerprint. :func:`claim_output_dir` refuses a folder holding another run's checkpoints, metrics or model.
+Checkpoints and the final model are saved into a hidden folder and renamed into place.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -15,14 +22,18 @@ import socket
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from .._fs import publish_dir, remove_dir, sibling
 from .config import ConfigError
+from .metrics import METRICS_FILE, read_metrics
 
 CHECKPOINTS = "checkpoints"
 LOCK = ".lock"  # in output_dir while a run writes there: "host pid"
-RUN_INFO = "run.json"  # in each checkpoint: the settings a resume must match
-MUST_MATCH = ("seq_len", "batch_size", "grad_accum", "seed", "num_processes")
+RUN_INFO = "run.json"  # in each checkpoint: the identity of the run that wrote it
+# config keys that may change when a run is resumed (length, cadence, where things go): not part of its identity
+RESUMABLE = ("max_steps", "output_dir", "resume_from", "log_every", "eval_every", "eval_tokens", "eval_multipliers",
+             "report_to", "save_every", "keep_checkpoints", "rank_report", "gradient_checkpointing")
 
 
 @dataclass
@@ -45,6 +56,17 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / CHECKPOINTS / f"step-{step:07d}"
 
 
+def run_identity(config, num_processes: int) -> dict[str, Any]:
+    """Everything that produced a run's checkpoints (model, method, options, data, optimisation, LoRA, seed, ...),
+    as plain JSON values: the config minus :data:`RESUMABLE`, plus the number of processes."""
+    values = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE}
+    return json.loads(json.dumps({**values, "num_processes": num_processes}, sort_keys=True, default=str))
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints (their run.json written last), oldest first."""
     root = Path(output_dir) / CHECKPOINTS
@@ -53,22 +75,62 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / RUN_INFO).is_file())
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, run_info: dict[str, Any], keep: int) -> Path:
-    """Save on every process (collective), then on the main process write run.json and prune old ones."""
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, identity: dict[str, Any], keep: int) -> Path:
+    """Save on every process (collective) into a hidden folder; the main process adds run.json, renames it into
+    place (replacing an older save of the same step only then) and prunes old checkpoints."""
     path = checkpoint_dir(output_dir, step)
-    accelerator.save_state(str(path))
+    partial = path.with_name(f".{path.name}.partial")  # the same name on every process; not matched by step-*
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)  # left by a crash
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (path / RUN_INFO).write_text(json.dumps({"step": step, **run_info}, indent=2) + "\n")
+        info = {"step": step, "fingerprint": fingerprint(identity), "run": identity}
+        (partial / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        publish_dir(partial, path)
         if keep:
             for old in list_checkpoints(output_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_dir(old)
     accelerator.wait_for_everyone()
     return path
 
 
-def resolve_resume(resume_from: str, output_dir: str | Path, run_info: dict[str, Any]) -> Path:
-    """``'latest'`` or a path -> a complete checkpoint folder whose run settings match this run's."""
+def claim_output_dir(output_dir: str | Path, identity: dict[str, Any], resume_from: str | None) -> Path | None:
+    """Check that ``output_dir`` holds nothing of another run, then return the checkpoint to resume from (None for
+    a fresh run). Refused: another run's checkpoints, metrics or model; a fresh run over this run's checkpoints
+    (a later ``resume_from: latest`` would pick the old ones)."""
+    out = Path(output_dir)
+    fix = f"choose another output_dir, or delete {out} to start over"
+    for path in list_checkpoints(out):
+        saved = _read_identity(path)
+        if saved != identity:
+            raise ConfigError(f"{out} holds checkpoints of another run ({path.name}: {_differences(saved, identity)}"
+                              f"); {fix}")
+    starts = _start_fingerprints(out)
+    if any(f != fingerprint(identity) for f in starts):
+        raise ConfigError(f"{out / METRICS_FILE} holds metrics of another run ({_config_differences(out, identity)}"
+                          f"); {fix}")
+    if not starts and (out / "config.json").is_file():
+        raise ConfigError(f"{out} holds a model that no fine-tune into it wrote (config.json; is it the model being "
+                          "fine-tuned?); choose another output_dir")
+    if resume_from is None:
+        found = list_checkpoints(out)
+        if found:
+            raise ConfigError(f"{out} holds checkpoints of this run (newest {found[-1].name}); continue it with "
+                              f"--resume_from latest, or delete {out / CHECKPOINTS} to start over")
+        return None
+    path = resolve_resume(resume_from, out, identity)
+    later = [p.name for p in list_checkpoints(out) if p.name > path.name]  # step-0000200 > step-0000100
+    if later:
+        raise ConfigError(f"{out} holds checkpoints past {path.name} ({', '.join(later)}) that a later resume_from: "
+                          f"latest would continue; delete them to go back to {path.name}, or resume into another "
+                          "output_dir")
+    return path
+
+
+def resolve_resume(resume_from: str, output_dir: str | Path, identity: dict[str, Any]) -> Path:
+    """``'latest'`` or a path -> a complete checkpoint folder written by this run (the same identity)."""
     if resume_from == "latest":
         found = list_checkpoints(output_dir)
         if not found:
@@ -78,13 +140,69 @@ def resolve_resume(resume_from: str, output_dir: str | Path, run_info: dict[str,
         path = Path(resume_from)
         if not (path / RUN_INFO).is_file():
             raise FileNotFoundError(f"resume_from: {path} is not a complete checkpoint (no {RUN_INFO})")
-    saved = json.loads((path / RUN_INFO).read_text())
-    changed = {k: (saved.get(k), run_info.get(k)) for k in MUST_MATCH if saved.get(k) != run_info.get(k)}
-    if changed:
-        detail = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
-        raise ConfigError(f"resume_from: {path} was written with other settings ({detail}); the data position "
-                         "would not carry over. Resume with the same settings.")
+    saved = _read_identity(path)
+    if saved != identity:
+        raise ConfigError(f"resume_from: {path} was written by another run ({_differences(saved, identity)}); "
+                          "resume with the same settings, or start a fresh run in another output_dir")
     return path
+
+
+@contextlib.contextmanager
+def final_model_dir(output_dir: str | Path) -> Iterator[Path]:
+    """Yield a hidden folder in ``output_dir`` to save the final model into; on success its files are renamed
+    into ``output_dir`` (config.json last), so a failed save never leaves new files beside old ones."""
+    out = Path(output_dir)
+    tmp = sibling(out / "final", "partial")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        entries = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
+        for entry in entries:
+            if entry.is_dir():
+                publish_dir(entry, out / entry.name)  # e.g. the LoRA adapter
+            else:
+                os.replace(entry, out / entry.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_identity(checkpoint: Path) -> dict[str, Any] | None:
+    return json.loads((checkpoint / RUN_INFO).read_text()).get("run")  # None: written before run identities
+
+
+def _start_fingerprints(output_dir: Path) -> list[str | None]:
+    """The run fingerprint of every ``start`` line in metrics.jsonl (None where a line has none)."""
+    return [r.get("run") for r in read_metrics(output_dir) if r.get("event") == "start"]
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _differences(saved: dict[str, Any] | None, identity: dict[str, Any]) -> str:
+    """``"lr: 0.001 -> 0.003, method: alibi -> t5"`` (saved -> this run)."""
+    if saved is None:
+        return "no run identity: written by an older hf_posenc"
+    a, b = _flat(saved), _flat(identity)
+    changed = [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    return ", ".join(changed) or "the same settings, another hf_posenc version"
+
+
+def _config_differences(out: Path, identity: dict[str, Any]) -> str:
+    """What differs from the run whose train_config.json is in ``out`` (best effort: no process count there)."""
+    try:
+        saved = json.loads((out / "train_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "its settings are unknown"
+    saved = {k: v for k, v in saved.items() if k not in RESUMABLE}
+    mine = {k: v for k, v in identity.items() if k != "num_processes"}
+    return _differences(saved, mine) if saved != mine else "another process count or hf_posenc version"
 
 
 class StopRequest:
@@ -107,8 +225,8 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in self._previous.items():  # whatever was there: default, SIG_IGN (nohup, CI), a user's
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: one not set from Python
 
 
 class OutputLock:

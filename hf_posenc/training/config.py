@@ -82,6 +82,43 @@ class LoraArgs:
         _check(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout!r}")
 
 
+POSE_SPLITS = ("random", "equal")
+
+
+@dataclass
+class PoseArgs:
+    """PoSE position skipping (Zhu et al. 2024): each causal training window is cut into ``chunks`` chunks whose
+    position ids skip ahead by random amounts, so short windows cover relative distances up to ``target_length``."""
+
+    target_length: int = _field(
+        32768, "the context length trained for: every position id is < target_length; must be > seq_len")
+    chunks: int = _field(2, "chunks per window (the paper uses 2); chunk 0 keeps positions 0..; in [1, seq_len]")
+    split: str = _field("random", "chunk lengths: 'random' (uniform split points) or 'equal'")
+
+    def validate(self, seq_len: int) -> None:
+        _check(isinstance(self.target_length, int) and self.target_length > seq_len,
+               f"pose.target_length must be an integer > seq_len ({seq_len}), got {self.target_length!r}: PoSE "
+               "trains positions up to target_length with windows of seq_len tokens")
+        _check(isinstance(self.chunks, int) and 1 <= self.chunks <= seq_len,
+               f"pose.chunks must be an integer in [1, seq_len={seq_len}], got {self.chunks!r}")
+        _check(self.split in POSE_SPLITS, f"pose.split must be one of {POSE_SPLITS}, got {self.split!r}")
+
+
+@dataclass
+class DistillArgs:
+    """Self-distillation from the unconverted model: ``weight`` x T^2 x KL(teacher || student) at temperature T,
+    averaged over real token positions, added to ``lm_weight`` x the LM loss."""
+
+    weight: float = _field(1.0, "weight of the distillation term; >= 0")
+    temperature: float = _field(1.0, "softmax temperature T of both distributions; > 0 (the term is scaled by T^2)")
+    lm_weight: float = _field(1.0, "weight of the language-model loss; 0 = pure distillation")
+
+    def validate(self) -> None:
+        _check(self.weight >= 0 and self.lm_weight >= 0, "distill.weight and distill.lm_weight must be >= 0")
+        _check(self.weight > 0 or self.lm_weight > 0, "distill.weight and distill.lm_weight are both 0: no loss")
+        _check(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature!r}")
+
+
 @dataclass
 class TrainConfig:
     # -- model and position method ------------------------------------------------------------------------
@@ -132,6 +169,11 @@ class TrainConfig:
     # -- which parameters train ---------------------------------------------------------------------------
     lora: LoraArgs | None = field(
         default=None, metadata={"help": "LoRA settings; absent or none = full fine-tuning"})
+    # -- what the loss sees ----------------------------------------------------------------------------------
+    pose: PoseArgs | None = field(
+        default=None, metadata={"help": "PoSE position skipping for causal training; absent or none = off"})
+    distill: DistillArgs | None = field(
+        default=None, metadata={"help": "self-distillation from the unconverted model; absent or none = off"})
 
     def validate(self) -> None:
         _check(bool(self.model), "model is required: a local directory, hub name or named source")
@@ -152,6 +194,15 @@ class TrainConfig:
         self.data.validate()
         if self.lora is not None:
             self.lora.validate()
+        if self.pose is not None:
+            self.pose.validate(self.seq_len)
+            _check(self.objective != "mlm", "pose: PoSE position skipping is for causal language models; the mlm "
+                   "objective trains a bidirectional encoder (drop pose or use objective causal)")
+        if self.distill is not None:
+            self.distill.validate()
+            _check(self.method is not None, "distill: the teacher is the unconverted model, but method: null trains an "
+                   "already converted checkpoint, which has no original to compare against; start from the "
+                   "unconverted checkpoint with a method")
         if self.method == NATIVE:
             _check(not self.method_options and self.max_position_embeddings is None,
                    f"method {NATIVE!r} trains the model as it is: method_options / max_position_embeddings "

@@ -221,6 +221,38 @@ def mask_seed(seed: int, index: int, rank: int) -> int:
     return (seed * 1_000_003 + index * 4_099 + rank) % (2**63 - 1)
 
 
+def pose_seed(seed: int, index: int, rank: int) -> int:
+    """Seed of micro-batch ``index``'s PoSE position ids on process ``rank``: like :func:`mask_seed`, and distinct
+    from it (both are functions of the data position, so a resumed run draws the same ids)."""
+    return (mask_seed(seed, index, rank) + 0x9E3779B9) % (2**63 - 1)
+
+
+def pose_position_ids(batch: int, length: int, target_length: int, chunks: int, seed: int,
+                      split: str = "random") -> torch.Tensor:
+    """(B, L) PoSE position ids (Zhu et al. 2024, "PoSE: Efficient Context Window Extension of LLMs via
+    Positional Skip-wise Training"), a function of ``seed`` only.
+
+    Each row is cut into ``chunks`` chunks of >= 1 token ('random': the N-1 split points uniform among the L-1
+    gaps; 'equal': lengths differing by at most one). Chunk i holds contiguous positions starting at
+    ``start_i + u_i``, where ``start_i`` is its offset in the window and the skips are u_0 = 0 <= u_1 <= ... <=
+    u_{N-1}: the N-1 skips are the sorted values of N-1 uniform draws from [0, target_length - L], so the last
+    position is < target_length. Rows draw independently; positions increase strictly along each row."""
+    if not 1 <= chunks <= length or target_length < length:
+        raise ValueError(f"PoSE needs 1 <= chunks <= length <= target_length; got {chunks}, {length}, {target_length}")
+    generator = torch.Generator().manual_seed(seed)
+    if split == "equal":
+        cuts = (torch.arange(1, chunks) * length // chunks).expand(batch, -1)  # (B, N-1)
+    elif split == "random":
+        cuts = torch.rand(batch, length - 1, generator=generator).argsort(dim=1)[:, : chunks - 1] + 1
+        cuts = cuts.sort(dim=1).values  # (B, N-1) distinct split points in [1, L-1]
+    else:
+        raise ValueError(f"PoSE split must be 'random' or 'equal', got {split!r}")
+    skips = torch.randint(0, target_length - length + 1, (batch, chunks - 1), generator=generator)
+    skips = torch.cat([torch.zeros(batch, 1, dtype=torch.long), skips.sort(dim=1).values], dim=1)  # (B, N) u_i
+    chunk_of = (torch.arange(length)[None, :, None] >= cuts[:, None, :]).sum(-1)  # (B, L) chunk index per token
+    return torch.arange(length)[None, :] + skips.gather(1, chunk_of)  # (B, L)
+
+
 def eval_windows(heldout: torch.Tensor, length: int, max_tokens: int) -> torch.Tensor:
     """(W, length) non-overlapping windows from the start of the held-out stream: enough to cover ``max_tokens``
     (at least one), capped by what the stream holds."""
@@ -230,5 +262,5 @@ def eval_windows(heldout: torch.Tensor, length: int, max_tokens: int) -> torch.T
 
 __all__ = [
     "Blocks", "ConfigError", "Corpus", "DataError", "EpochShuffle", "check_enough_blocks", "eval_windows",
-    "load_corpus", "mask_for_mlm", "mask_seed", "read_texts", "separator_id", "token_stream",
+    "load_corpus", "mask_for_mlm", "mask_seed", "pose_position_ids", "pose_seed", "read_texts", "separator_id", "token_stream",
 ]

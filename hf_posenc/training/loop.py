@@ -22,9 +22,15 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpointing import OutputLock, StopRequest, TrainState, resolve_resume, save_checkpoint
+from .._fs import write_text_atomic
+from .checkpointing import (
+    OutputLock, StopRequest, TrainState, claim_output_dir, final_model_dir, fingerprint, run_identity, save_checkpoint,
+)
 from .config import ConfigError, TrainConfig
-from .data import Blocks, EpochShuffle, check_enough_blocks, load_corpus, mask_for_mlm, mask_seed
+from .data import (
+    Blocks, EpochShuffle, check_enough_blocks, load_corpus, mask_for_mlm, mask_seed, pose_position_ids, pose_seed,
+)
+from .distill import distill_loss, teacher_logits
 from .evaluate import perplexity
 from .metrics import MetricsLog, resolve_trackers
 from .model import inspect_model, is_position_parameter, load_model, load_tokenizer, save_final
@@ -136,6 +142,7 @@ class Run:
     run_info: dict
     log: MetricsLog
     resume: Path | None
+    teacher: torch.nn.Module | None = None  # distill, full fine-tuning: the frozen unconverted copy
 
     @property
     def tokens_per_step(self) -> int:
@@ -143,12 +150,34 @@ class Run:
         return c.grad_accum * c.batch_size * c.seq_len * self.accelerator.num_processes
 
     def inputs(self, ids: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
-        """Model inputs for micro-batch number ``index`` of this process: (B, L) ids -> ids + labels."""
+        """Model inputs for micro-batch number ``index`` of this process: (B, L) ids -> ids + labels (+ PoSE's
+        (B, L) position ids, a function of (seed, index, rank) like the MLM masks)."""
         if self.objective == "mlm":
             seed = mask_seed(self.config.seed, index, self.accelerator.process_index)
             batch = mask_for_mlm(self.collator, ids.cpu(), seed)
             return {k: v.to(self.accelerator.device) for k, v in batch.items()}
-        return {"input_ids": ids, "labels": ids}
+        inputs = {"input_ids": ids, "labels": ids}
+        pose = self.config.pose
+        if pose is not None:
+            seed = pose_seed(self.config.seed, index, self.accelerator.process_index)
+            positions = pose_position_ids(ids.shape[0], ids.shape[1], pose.target_length, pose.chunks, seed,
+                                          pose.split)
+            inputs["position_ids"] = positions.to(ids.device)
+            # a mask, so that transformers does not read a skip (ids not +1) as the start of a packed sequence and
+            # cut the window into chunks that cannot see each other (it does so when the mask is None)
+            inputs["attention_mask"] = torch.ones_like(ids)
+        return inputs
+
+    def loss(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of one micro-batch and its parts (distillation: the LM loss and the KL)."""
+        if self.config.distill is None:
+            return self.model(**inputs).loss, {}
+        # the teacher first: a LoRA teacher runs the student's own modules, and the method's per-forward state
+        # (shared terms, positions) must be the student's when gradient checkpointing recomputes in backward
+        target = teacher_logits(self.accelerator, self.unwrapped, self.teacher, inputs)
+        outputs = self.model(**inputs)
+        total, lm, kl = distill_loss(self.config.distill, outputs, target, inputs)
+        return total, {"lm_loss": lm.detach().float(), "distill_kl": kl.detach().float()}
 
     def perplexity(self, length: int) -> float:
         c = self.config
@@ -171,10 +200,9 @@ def setup(config: TrainConfig) -> Run:
     corpus = load_corpus(config.data, tokenizer, plan.objective, config.seq_len, longest_eval)
     blocks = corpus.blocks(config.seq_len)
     check_enough_blocks(blocks.shape[0], config.batch_size, accelerator.num_processes, config.seq_len)
-    run_info = {"seq_len": config.seq_len, "batch_size": config.batch_size, "grad_accum": config.grad_accum,
-                "seed": config.seed, "num_processes": accelerator.num_processes}
+    run_info = run_identity(config, accelerator.num_processes)  # what this run's checkpoints and metrics carry
     out = Path(config.output_dir)
-    resume = resolve_resume(config.resume_from, out, run_info) if config.resume_from else None
+    resume = claim_output_dir(out, run_info, config.resume_from)  # refuses another run's files
 
     loaded = load_model(config, plan)
     collator = None
@@ -189,19 +217,22 @@ def setup(config: TrainConfig) -> Run:
                               num_warmup_steps=config.warmup_steps * accelerator.num_processes,
                               num_training_steps=config.max_steps * accelerator.num_processes)
     model, optimizer, loader, scheduler = accelerator.prepare(loaded.model, optimizer, loader, scheduler)
+    teacher = loaded.teacher.to(accelerator.device) if loaded.teacher is not None else None  # not prepared: frozen
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        write_text_atomic(out / "train_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     log = MetricsLog(accelerator, out, write_line=_say(accelerator))
     run = Run(config, accelerator, model, accelerator.unwrap_model(model), optimizer, scheduler, loader, sampler,
-              corpus, tokenizer, loaded.objective, collator, state, run_info, log, resume)
+              corpus, tokenizer, loaded.objective, collator, state, run_info, log, resume, teacher)
     log.log({
         "event": "start", "model": config.model, "method": config.method, "objective": loaded.objective,
+        "run": fingerprint(run_info),  # which run the lines below belong to (claim_output_dir checks it)
         "train": config.train_mode, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "processes": accelerator.num_processes, "data": corpus.description, "train_tokens": corpus.train.numel(),
         "heldout_tokens": corpus.heldout.numel(), "blocks": blocks.shape[0], "fresh_weights": loaded.fresh,
+        "pose": config.to_dict()["pose"], "distill": config.to_dict()["distill"],
     })
     if loaded.fresh:
         log.write_line(f"note: {len(loaded.fresh)} weights are not in the checkpoint; they start from random "
@@ -209,14 +240,16 @@ def setup(config: TrainConfig) -> Run:
     return run
 
 
-def train_step(run: Run, stream: Iterator[torch.Tensor]) -> tuple[torch.Tensor, float]:
-    """One optimizer step over ``grad_accum`` micro-batches. Returns (this process's mean loss, the lr used)."""
+def train_step(run: Run, stream: Iterator[torch.Tensor]) -> tuple[torch.Tensor, float, dict[str, torch.Tensor]]:
+    """One optimizer step over ``grad_accum`` micro-batches. Returns (this process's mean loss, the lr used, the
+    mean of the loss's parts: ``lm_loss`` and ``distill_kl`` with distillation, else none)."""
     accelerator, config, model = run.accelerator, run.config, run.model
     step_loss = torch.zeros((), device=accelerator.device)
+    step_parts: dict[str, torch.Tensor] = {}
     for _ in range(config.grad_accum):
         inputs = run.inputs(next(stream), run.state.micro_batches)
         with accelerator.accumulate(model):  # no_sync, loss / grad_accum; steps only on the last micro-batch
-            loss = model(**inputs).loss
+            loss, parts = run.loss(inputs)
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -225,12 +258,14 @@ def train_step(run: Run, stream: Iterator[torch.Tensor]) -> tuple[torch.Tensor, 
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
         step_loss += loss.detach().float() / config.grad_accum
+        for key, value in parts.items():
+            step_parts[key] = step_parts.get(key, 0) + value / config.grad_accum
         run.state.micro_batches += 1
     if not accelerator.sync_gradients:  # Accelerate's micro-batch count drifted from ours
         raise RuntimeError("gradient accumulation is out of step with Accelerate")
     run.state.step += 1
     run.state.tokens += run.tokens_per_step
-    return step_loss, lr
+    return step_loss, lr, step_parts
 
 
 def train(config: TrainConfig, callbacks: list[Callable[[TrainState], None]] = ()) -> TrainResult:
@@ -261,8 +296,10 @@ def _train(config: TrainConfig, callbacks: list[Callable[[TrainState], None]]) -
     with StopRequest() as stop:
         while state.step < config.max_steps:
             started = time.perf_counter()
-            loss, lr = train_step(run, stream)
+            loss, lr, parts = train_step(run, stream)
             result.losses.append(float(accelerator.reduce(loss, "mean")))  # collective: every process
+            for key, value in _reduce_parts(accelerator, parts).items():  # collective too (distill only)
+                window[key] = window.get(key, 0.0) + value
             window["seconds"] += time.perf_counter() - started
             window["loss"] += result.losses[-1]
             window["steps"] += 1
@@ -270,7 +307,8 @@ def _train(config: TrainConfig, callbacks: list[Callable[[TrainState], None]]) -
             if state.step % config.log_every == 0 or state.step == config.max_steps:
                 mean = window["loss"] / window["steps"]
                 progress.set_postfix(loss=f"{mean:.3f}")
-                log.log({"step": state.step, "loss": mean, "lr": lr, "tokens": state.tokens,
+                means = {k: window[k] / window["steps"] for k in parts}  # lm_loss, distill_kl
+                log.log({"step": state.step, "loss": mean, **means, "lr": lr, "tokens": state.tokens,
                          "tokens_per_s": window["steps"] * run.tokens_per_step / max(window["seconds"], 1e-9)})
                 window = {"loss": 0.0, "steps": 0, "seconds": 0.0}
             if config.eval_every and state.step % config.eval_every == 0 and state.step < config.max_steps:
@@ -304,7 +342,8 @@ def _finish(run: Run, result: TrainResult) -> None:
                  "final_ppl": {str(k): v for k, v in result.final_perplexity.items()}})
     state_dict = accelerator.get_state_dict(run.model) if config.lora is None else None  # collective under FSDP
     if accelerator.is_main_process:
-        save_final(run.unwrapped, run.tokenizer, result.output_dir, config.lora, state_dict)
+        with final_model_dir(result.output_dir) as tmp:  # saved beside, then renamed in
+            save_final(run.unwrapped, run.tokenizer, tmp, config.lora, state_dict)
         run.log.write_line(f"saved the fine-tuned model to {result.output_dir}; load it with "
                            f"hf_posenc.from_pretrained({str(result.output_dir)!r})")
     accelerator.wait_for_everyone()
@@ -329,6 +368,15 @@ def _remember_first(stream: Iterator[torch.Tensor]):
     return wrapped(), lambda: seen[0] if seen else None
 
 
+def _reduce_parts(accelerator, parts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The loss parts of one step, averaged over processes (one collective)."""
+    if not parts:
+        return {}
+    keys = sorted(parts)
+    values = accelerator.reduce(torch.stack([parts[k] for k in keys]), "mean")
+    return dict(zip(keys, values.tolist()))
+
+
 def _any_process(accelerator, flag: bool) -> bool:
     if accelerator.num_processes == 1:
         return flag
@@ -342,7 +390,7 @@ def _write_rank_report(accelerator, out: Path, first_batch_hash: str | None, mod
               "first_batch": first_batch_hash, "weights": _hash(trained),
               "distributed_type": str(accelerator.distributed_type)}
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(report) + "\n")
+    write_text_atomic(out / f"rank{accelerator.process_index}.json", json.dumps(report) + "\n")
     accelerator.wait_for_everyone()
 
 

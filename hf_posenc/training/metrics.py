@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,11 @@ class MetricsLog:
         self.path = Path(output_dir) / METRICS_FILE
         self.write_line = write_line  # tqdm.write on the console, so the bar stays intact
         self.trackers = bool(accelerator.trackers)
+        if accelerator.is_main_process and self.path.is_file() and self.path.stat().st_size:
+            with self.path.open("rb+") as f:  # a line cut short by a crash: end it, so the next line stays whole
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
 
     def log(self, record: dict[str, Any], console: bool = True) -> None:
         if not self.accelerator.is_main_process:
@@ -67,5 +73,12 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    """Every record of ``<output_dir>/metrics.jsonl``; a line cut short by a crash is skipped."""
     path = Path(output_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

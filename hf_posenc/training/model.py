@@ -8,6 +8,7 @@ BertForMaskedLM) are fresh and train in full, in place.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ class LoadedModel:
     family: str  # "gpt2", "bert", "llama"
     fresh: list[str] = field(default_factory=list)  # parameters the checkpoint did not have (newly initialised)
     converted_here: bool = True  # False: the checkpoint was already converted
+    teacher: nn.Module | None = None  # distill with full fine-tuning: a frozen copy of the unconverted model
 
 
 def resolve_source(name_or_path: str) -> str:
@@ -103,6 +105,20 @@ def inspect_model(config: TrainConfig) -> ModelPlan:
         raise ConfigError(
             f"method 'native' keeps {config.model!r}'s learned position table ({model_config.max_position_embeddings} "
             f"positions), but seq_len x eval_multipliers reaches {longest}; lower them or convert the model")
+    if config.pose is not None and objective != "causal":
+        raise ConfigError(f"pose: PoSE position skipping is for causal language models; {config.model!r} trains "
+                          f"with the {objective!r} objective")
+    if config.distill is not None and stored is not None:
+        raise ConfigError(
+            f"distill: {config.model!r} is already converted to {stored['method']!r}; its checkpoint no longer holds "
+            "the original position encoding, so there is no original model to distil from. Start from the "
+            "unconverted checkpoint")
+    if config.distill is not None and arch_for(model_config).position_table \
+            and config.seq_len > model_config.max_position_embeddings:
+        raise ConfigError(
+            f"distill: the teacher is the original {config.model!r}, whose learned position table has "
+            f"{model_config.max_position_embeddings} rows, but seq_len is {config.seq_len}; lower seq_len to "
+            f"<= {model_config.max_position_embeddings} (PoSE covers the longer distances)")
     return ModelPlan(str(location), model_config, family, objective, converted=stored is not None, native=native)
 
 
@@ -110,6 +126,7 @@ def load_model(config: TrainConfig, plan: ModelPlan | None = None) -> LoadedMode
     """Load ``config.model``, convert it to ``config.method`` (unless the checkpoint already is converted), and
     set which parameters train."""
     plan = plan or inspect_model(config)
+    teacher = None
     if plan.converted:
         model, fresh = hf_posenc.from_pretrained(plan.location, dtype=torch.float32), []
         _check_head(model)
@@ -122,15 +139,48 @@ def load_model(config: TrainConfig, plan: ModelPlan | None = None) -> LoadedMode
         finally:
             transformers.logging.set_verbosity(quiet)
         fresh = sorted(info.get("missing_keys", ()))
+        if config.distill is not None:
+            teacher = _teacher(config, model, fresh)
         if not plan.native:
             hf_posenc.convert(model, config.method, max_position_embeddings=config.max_position_embeddings,
                               **config.method_options)
     model.config.use_cache = False
+    _check_pose_limit(config, model, plan)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if config.lora is not None:
         model = apply_lora(model, config.lora, plan.family, fresh)
-    return LoadedModel(model, plan.objective, plan.family, fresh, converted_here=not plan.converted)
+    return LoadedModel(model, plan.objective, plan.family, fresh, converted_here=not plan.converted,
+                       teacher=teacher)
+
+
+def _teacher(config: TrainConfig, model: nn.Module, fresh: list[str]) -> nn.Module | None:
+    """The distillation teacher, taken before conversion: a frozen copy for full fine-tuning; with LoRA none (the
+    loop runs the student's own base weights with the adapters disabled and the original positions restored)."""
+    if fresh:
+        raise ConfigError(
+            f"distill: {config.model!r} lacks {len(fresh)} weights of its LM head ({', '.join(fresh[:4])}...), which "
+            "start from random initialisation: an original model with a random head is no teacher. Drop distill or "
+            "start from a checkpoint with its head")
+    if config.lora is not None:
+        return None
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    teacher.config.use_cache = False
+    return teacher
+
+
+def _check_pose_limit(config: TrainConfig, model: nn.Module, plan: ModelPlan) -> None:
+    """PoSE position ids reach ``pose.target_length - 1``: the (new) position limit must cover them; a learned
+    table the model keeps (method 'native') cannot go past its rows."""
+    if config.pose is None:
+        return
+    limit = model.config.max_position_embeddings
+    keeps_table = plan.native and not plan.converted and arch_for(model.config).position_table
+    if config.pose.target_length > limit and (keeps_table or not plan.native):
+        fix = "lower pose.target_length" if keeps_table else \
+            f"set max_position_embeddings: {config.pose.target_length} (or more), or lower pose.target_length"
+        raise ConfigError(f"pose.target_length {config.pose.target_length} is past the model's position limit "
+                          f"max_position_embeddings={limit}; {fix}")
 
 
 def _check_head(model: nn.Module) -> None:

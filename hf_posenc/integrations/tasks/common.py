@@ -6,11 +6,15 @@ arguments (RULER reads ``max_seq_lengths`` and ``tokenizer`` / ``pretrained`` th
 its length under ``posenc_length``; ``process_results`` returns a ``(value, weight)`` pair for *every* length,
 weight 0 for the lengths the doc is not about, so every metric is scored on every doc and the aggregation
 ``sum(value) / sum(weight)`` only counts the doc's own length.
+
+Docs interleave the lengths, so lm-eval's ``--limit N`` (the first N docs) keeps every length; a ``--limit`` or
+``--samples`` that still leaves a metric without a doc is refused (its score would be NaN).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from pathlib import Path
 from typing import Any, Iterable
@@ -102,6 +106,12 @@ def encode_kwargs(metadata: dict) -> dict:
     return {} if add_bos is None else {"add_special_tokens": bool(add_bos)}
 
 
+def interleave(groups: list[list[dict]]) -> list[dict]:
+    """``[[a1, a2, a3], [b1]] -> [a1, b1, a2, a3]``: the first doc of every group, then the second, ..."""
+    skip = object()
+    return [doc for row in itertools.zip_longest(*groups, fillvalue=skip) for doc in row if doc is not skip]
+
+
 # --- metrics -------------------------------------------------------------------------------------------------
 def scored(doc: dict, value: float, weight: float) -> dict[str, tuple[float, float]]:
     """``{metric: (value, weight)}`` for every metric of the task (``doc["metric_names"]``): the doc's own
@@ -111,7 +121,8 @@ def scored(doc: dict, value: float, weight: float) -> dict[str, tuple[float, flo
 
 
 def weighted_mean(items: list[tuple[float, float]]) -> float:
-    """sum(value) / sum(weight); nan when no doc had this metric (e.g. cut by --limit)."""
+    """sum(value) / sum(weight); nan when no doc had this metric (LengthMetricsTask refuses runs where that
+    happens)."""
     total = sum(w for _, w in items)
     return sum(v for v, _ in items) / total if total else math.nan
 
@@ -141,3 +152,31 @@ class LengthMetricsTask(ConfigurableTask):
     @classmethod
     def metric_names(cls, metadata: dict) -> list[str]:
         return [str(n) for n in lengths_from(metadata)]
+
+    def build_all_requests(self, *, limit: int | None = None, samples: list[int] | None = None, **kwargs) -> None:
+        """lm-eval's, after checking that ``limit`` / ``samples`` leave every metric at least one doc."""
+        self.check_coverage(limit, samples)
+        return super().build_all_requests(limit=limit, samples=samples, **kwargs)
+
+    def check_coverage(self, limit: int | None, samples: list[int] | None) -> None:
+        """Raise TaskInputError when the docs kept by ``--limit`` / ``--samples`` miss a metric (a NaN score)."""
+        if not limit and not samples:
+            return
+        docs = list(self.eval_docs)
+        kept = [docs[i] for i in samples] if samples else docs[:int(limit)]
+        names = docs[0]["metric_names"] if docs else []
+        covered = {name for doc in kept for name in doc["own_metrics"]}
+        missing = [name for name in names if name not in covered]
+        if not missing:
+            return
+        seen, needed = set(), len(docs)
+        for i, doc in enumerate(docs, 1):  # the shortest prefix that covers every metric
+            seen.update(doc["own_metrics"])
+            if seen >= set(names):
+                needed = i
+                break
+        chosen = f"--samples {samples}" if samples else f"--limit {limit}"
+        raise TaskInputError(
+            f"{self.config.task}: {chosen} leaves no document for metric(s) {missing}, which would score NaN; use "
+            f"--limit {needed} or more (or fewer lengths / depths in --metadata)"
+        )

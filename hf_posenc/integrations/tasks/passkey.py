@@ -42,7 +42,9 @@ def metric_names(metadata: dict) -> list[str]:
 
 
 def build_docs(metadata: dict, filler_kind: str) -> list[dict]:
-    """Docs for every (length, depth, sample): prompt, passkey, depth, posenc_length, n_prompt_tokens."""
+    """Docs for every (length, depth, sample): prompt, passkey, depth, posenc_length, n_prompt_tokens. Ordered by
+    sample, then depth, then length, so that ``--limit N`` keeps every length (and, from N = lengths x depths,
+    every depth)."""
     lengths, depths = lengths_from(metadata), depths_from(metadata)
     check_fits(TASK, lengths, metadata)
     tokenizer = tokenizer_from(metadata)
@@ -52,10 +54,10 @@ def build_docs(metadata: dict, filler_kind: str) -> list[dict]:
     prose = text_from(metadata, "filler_file") if filler_kind == "prose" else None
     names = metric_names(metadata)
     docs = []
-    for length in lengths:
-        budget = length - ANSWER_TOKENS
+    for i in range(samples):
         for depth in depths:
-            for i in range(samples):
+            for length in lengths:
+                budget = length - ANSWER_TOKENS
                 key, rng = seeded_key(seed, length, depth, i, digits)
                 if prose is None:
                     filler, boundary = repeat_filler(tokenizer, budget), ". "

@@ -15,8 +15,8 @@ from __future__ import annotations
 import datasets
 
 from .common import (
-    LENGTH_KEY, LengthMetricsTask, TaskInputError, check_fits, encode_kwargs, lengths_from, scored, text_from,
-    tokenizer_from, weighted_perplexity,
+    LENGTH_KEY, LengthMetricsTask, TaskInputError, check_fits, encode_kwargs, interleave, lengths_from, scored,
+    text_from, tokenizer_from, weighted_perplexity,
 )
 
 TASK = "posenc_ppl"
@@ -60,19 +60,20 @@ def _token_spans(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]
 
 
 def build(**metadata) -> dict[str, datasets.Dataset]:
-    """lm-eval ``custom_dataset``: ``{"test": docs}``, the windows of every length, shortest length first."""
+    """lm-eval ``custom_dataset``: ``{"test": docs}``, the windows of every length, lengths interleaved (first
+    window of each length, then the second, ...) so that ``--limit N`` keeps every length."""
     lengths = lengths_from(metadata)
     check_fits(TASK, lengths, metadata)
     tokenizer = tokenizer_from(metadata)
     text = text_from(metadata)
     num_tokens = int(metadata.get("num_tokens", DEFAULT_NUM_TOKENS))
     names = [str(n) for n in lengths]
-    docs = [
-        {**doc, "metric_names": names, "own_metrics": [str(n)]}
+    per_length = [
+        [{**doc, "metric_names": names, "own_metrics": [str(n)]}
+         for doc in windows(tokenizer, text, n, num_tokens, encode_kwargs(metadata))]
         for n in lengths
-        for doc in windows(tokenizer, text, n, num_tokens, encode_kwargs(metadata))
     ]
-    return {"test": datasets.Dataset.from_list(docs)}
+    return {"test": datasets.Dataset.from_list(interleave(per_length))}
 
 
 def process_results(doc: dict, results: list[float]) -> dict[str, tuple[float, float]]:

@@ -1,0 +1,95 @@
+"""Long-context scores of a causal LM without lm-eval's per-request machinery: one forward per window.
+
+* :func:`window_scores`: held-out perplexity at a length, over non-overlapping windows scored from scratch, and the
+  perplexity of each window's last ``last_tokens`` targets (the tokens that see the most context: where a model past
+  its range breaks first). Both come from the same forward; the LM head runs on chunks of positions, so no
+  (L, vocab) logits are ever held.
+* :func:`passkey_docs` / :func:`passkey_accuracy`: the ``posenc_passkey`` prompts (repeated-sentence filler); a hit is
+  a greedy continuation that reproduces the key, checked in one forward by teacher forcing (argmax at every answer
+  position).
+
+``hf-posenc retrofit`` and the studies score with these; ``hf-posenc eval`` (lm-eval) has the same prompts and
+windows as tasks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..training.data import eval_windows
+
+HEAD_CHUNK = 4096  # positions per lm_head call: (chunk, vocab) fp32 logits at a time, never (L, vocab)
+
+
+def autocast(device: torch.device):
+    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """NLL of ids[1:] given the prefix, for one (L,) window: (L - 1,) fp32 on the CPU."""
+    device = model.device
+    with autocast(device):
+        hidden = model.base_model(input_ids=ids[None].to(device), use_cache=False).last_hidden_state[0, :-1]
+        head, targets = model.get_output_embeddings(), ids[1:].to(device)  # hidden (L - 1, D) predicts targets
+        out = [F.cross_entropy(head(hidden[s : s + HEAD_CHUNK]).float(), targets[s : s + HEAD_CHUNK], reduction="none")
+               for s in range(0, len(targets), HEAD_CHUNK)]
+    return torch.cat(out).cpu()
+
+
+def window_scores(model, heldout: torch.Tensor, length: int, max_tokens: int, last_tokens: int = 1024) -> dict:
+    """{"ppl": all targets, "last": the last ``last_tokens`` targets of each window, "windows": n} at ``length``;
+    {"error": ...} when the text is shorter than one window."""
+    windows = eval_windows(heldout, length, max_tokens)  # (n, L)
+    if len(windows) == 0:
+        return {"error": f"held-out text has {len(heldout)} tokens, fewer than {length}"}
+    nll = torch.stack([token_nll(model, w) for w in windows])  # (n, L - 1)
+    return {"ppl": math.exp(nll.double().mean()), "last": math.exp(nll[:, -last_tokens:].double().mean()),
+            "windows": len(windows), "last_tokens": min(last_tokens, length - 1)}
+
+
+def passkey_docs(tokenizer, lengths, depths, samples: int) -> list[dict]:
+    """The posenc_passkey prompts (repeat filler), each with its answer tokens; built once for every model."""
+    from .tasks import TaskInputError
+    from .tasks.passkey_text import ANSWER_TOKENS, prompt, repeat_filler, seeded_key
+
+    docs = []
+    for length in lengths:
+        budget = length - ANSWER_TOKENS
+        filler = repeat_filler(tokenizer, budget)
+        for depth in depths:
+            for i in range(samples):
+                key, _ = seeded_key(0, length, depth, i)
+                try:
+                    text, _ = prompt(tokenizer, filler, ". ", key, depth, budget)
+                except TaskInputError:  # the instructions alone need more tokens than this length (tiny tokenizers)
+                    continue
+                ids = tokenizer(text)["input_ids"]
+                full = tokenizer(text + " " + key)["input_ids"]
+                if full[: len(ids)] != ids:  # the answer must not merge with the prompt's last token
+                    raise RuntimeError(f"tokenizer merges the passkey into the prompt at length {length}")
+                docs.append({"length": length, "depth": depth, "ids": full, "answer_from": len(ids)})
+    return docs
+
+
+@torch.no_grad()
+def passkey_accuracy(model, docs: list[dict]) -> dict[str, float]:
+    """{"<L>": accuracy, "<L>@<depth>": accuracy, "<L>/n": prompts}; hit = argmax reproduces every answer token."""
+    hits: dict[str, list[float]] = {}
+    device = model.device
+    for doc in docs:
+        ids = torch.tensor(doc["ids"], device=device)
+        a = doc["answer_from"]
+        with autocast(device):
+            hidden = model.base_model(input_ids=ids[None], use_cache=False).last_hidden_state[0, a - 1 : -1]
+            guess = model.get_output_embeddings()(hidden).argmax(-1)  # (answer tokens,)
+        hit = float(torch.equal(guess, ids[a:]))
+        for key in (str(doc["length"]), f"{doc['length']}@{doc['depth']:g}"):
+            hits.setdefault(key, []).append(hit)
+    scores = {key: sum(v) / len(v) for key, v in hits.items()}
+    scores.update({f"{key}/n": len(v) for key, v in hits.items() if "@" not in key})
+    return scores

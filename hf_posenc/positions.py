@@ -1,0 +1,42 @@
+"""Positions carried with the KV cache: cached keys keep the positions they were written with.
+
+A converted model's base-model hooks (see :func:`hf_posenc.convert.convert`) read the positions of the keys a cache
+already holds before each forward, and store the positions of every real key after it, as an attribute of the cache
+object (``_posenc_positions``, (P, n) long). A cache the model has not written (built elsewhere, or cropped) falls
+back to key indices for the keys it holds. Slots a static cache has not written yet have no position: the
+attention mask hides them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ATTRIBUTE = "_posenc_positions"
+CACHE_NAMES = ("cache", "past_key_values")  # transformers renamed the argument and output field within 5.x
+
+
+def cache_argument(kwargs: dict):
+    """The KV cache a forward was called with (by keyword, as generate() and the models' own code pass it)."""
+    return next((kwargs[name] for name in CACHE_NAMES if kwargs.get(name) is not None), None)
+
+
+def cache_output(output):
+    """The KV cache a forward returned, if any (ModelOutput field; tuple outputs carry none we can mark)."""
+    return next((getattr(output, name) for name in CACHE_NAMES if getattr(output, name, None) is not None), None)
+
+
+def cached_positions(cache) -> torch.Tensor | None:
+    """(P, n) positions of the n keys ``cache`` holds; None without a cache. A cache cropped since (assisted
+    decoding) keeps the first n; one we did not write gets key indices."""
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return None
+    held = int(cache.get_seq_length())
+    stored = getattr(cache, ATTRIBUTE, None)
+    if stored is None or stored.shape[-1] < held:
+        return torch.arange(held)[None]
+    return stored[:, :held]
+
+
+def remember_positions(cache, written: torch.Tensor | None) -> None:
+    if cache is not None and written is not None:
+        setattr(cache, ATTRIBUTE, written)
