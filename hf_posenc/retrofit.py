@@ -36,6 +36,7 @@ LAST_TOKENS = 1024  # the "last" perplexity: each window's last 1024 targets
 SKIPPED = "skipped"  # a length the original model cannot take (learned position table)
 TOO_SHORT = "n/a"  # passkey below PASSKEY_MIN tokens: the instructions alone fill the prompt
 PASSKEY_MIN = 256
+NOT_RUN = "—"  # passkey past half the trained context: not scored in the quick run (a forward per prompt)
 
 # the quick fine-tune every recipe starts from: full fine-tuning (on SmolLM2 -> ALiBi, 20 LoRA steps left held-out
 # perplexity at 693, 30 full steps at 146; docs/extrapolation.md), short windows, few steps
@@ -376,18 +377,33 @@ def score_model(plan: Plan, label: str, identity: Any, load: Callable, shared: b
     places = [plan.out / "eval" / f"{label}-{key}.json"]
     if shared:
         places.append(cache_root() / "scores" / f"{key}.json")
-    for place in places:
-        if place.is_file():
-            print(f"      found {place}; skipping")
-            scores = json.loads(place.read_text())["scores"]
-            write_json(places[0], {"label": label, "identity": identity, "scores": scores})
-            return scores
-    model, tokenizer, limit = load()
-    scores = compute_scores(plan, model, tokenizer, limit, skip_inside)
-    for place in places:
-        write_json(place, {"label": label, "identity": identity, "scores": scores})
-    del model
+    with held_lock(places[-1]):  # two runs scoring the same model wait for each other instead of both working
+        for place in places:
+            if place.is_file():
+                print(f"      found {place}; skipping")
+                scores = json.loads(place.read_text())["scores"]
+                write_json(places[0], {"label": label, "identity": identity, "scores": scores})
+                return scores
+        model, tokenizer, limit = load()
+        scores = compute_scores(plan, model, tokenizer, limit, skip_inside)
+        for place in places:
+            write_json(place, {"label": label, "identity": identity, "scores": scores})
+        del model
     return scores
+
+
+@contextlib.contextmanager
+def held_lock(path: Path):
+    """An exclusive lock on ``<path>.lock`` (POSIX ``flock``; released when the process ends, however it ends)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def compute_scores(plan: Plan, model, tokenizer, limit: int | None, skip_inside: dict | None) -> dict:
@@ -401,7 +417,8 @@ def compute_scores(plan: Plan, model, tokenizer, limit: int | None, skip_inside:
             if not (skip_inside and n <= plan.trained_length)]
     docs = passkey_docs(tokenizer, [n for n in plan.passkey_lengths if n in usable], plan.depths, plan.num_samples)
     ppl: dict[str, dict[str, Any]] = {name: {} for name in plan.corpora}
-    with tqdm(total=sum(n for _, n in todo) + sum(len(d["ids"]) for d in docs), unit="tok", unit_scale=True,
+    windows = lambda n: max(1, max(n, plan.eval_tokens) // n)  # noqa: E731  (fewer if the text is short)
+    with tqdm(total=sum(n * windows(n) for _, n in todo) + sum(len(d["ids"]) for d in docs), unit="tok", unit_scale=True,
               desc="      scoring", leave=False) as bar:
         for name, path in plan.corpora.items():
             heldout = torch.tensor(tokenizer(path.read_text())["input_ids"])
@@ -412,12 +429,13 @@ def compute_scores(plan: Plan, model, tokenizer, limit: int | None, skip_inside:
                     ppl[name][str(n)] = {**skip_inside["ppl"][name][str(n)], "same_as": "original"}
                 else:
                     ppl[name][str(n)] = window_scores(model, heldout, n, max(n, plan.eval_tokens), LAST_TOKENS)
-                    bar.update(n)
+                    bar.update(n * windows(n))
         passkey = passkey_accuracy(model, docs) if docs else {}
         bar.update(sum(len(d["ids"]) for d in docs))
     for n in plan.lengths:
         if str(n) not in passkey:
-            passkey[str(n)] = SKIPPED if n not in usable else TOO_SHORT
+            too_short = n < PASSKEY_MIN or n in plan.passkey_lengths  # no prompt fits: the instructions fill it
+            passkey[str(n)] = SKIPPED if n not in usable else TOO_SHORT if too_short else NOT_RUN
     return {"ppl": ppl, "passkey": passkey}
 
 

@@ -20,6 +20,10 @@ import torch
 
 BLOCK = 128  # flex's default sparse block size
 MIN_QUERIES = 2  # single-token decode steps use SDPA with a (1, H, 1, Lk) bias row: cheaper, and nothing to compile
+# torch 2.13's compiled CPU flex returned NaN for some inputs shorter than one block (L = 8, 24; it varied between
+# runs): on CPU such calls take SDPA, and any non-finite flex output is recomputed by SDPA (warned once)
+CPU_MIN_QUERIES = BLOCK
+_warned_non_finite = False
 
 _compiled: dict[str, object] = {}
 
@@ -85,7 +89,7 @@ def alibi_slopes_of(method, device) -> torch.Tensor:
 def supports(method, query, key, attention_mask, dropout: float, needs_grad: bool) -> bool:
     """Whether flex can run this call (else the dispatcher uses SDPA)."""
     return (
-        query.shape[2] >= MIN_QUERIES
+        query.shape[2] >= (CPU_MIN_QUERIES if query.device.type == "cpu" else MIN_QUERIES)
         and method_kind(method) is not None
         and not dropout
         and not (needs_grad and query.device.type == "cpu")  # no CPU backward in torch 2.13
@@ -190,7 +194,8 @@ def score_mod_for(method, q_len: int, k_len: int, dtype, device):
 
 
 def flex_attention(method, query, key, value, attention_mask, scaling: float, causal: bool) -> torch.Tensor | None:
-    """Returns (B, Lq, H, D), or None when the mask is not causal + key padding (the caller then uses SDPA)."""
+    """Returns (B, Lq, H, D), or None when the mask is not causal + key padding or the CPU kernel returned
+    non-finite values (the caller then uses SDPA)."""
     q_len, k_len = query.shape[2], key.shape[2]
 
     def build():
@@ -209,4 +214,18 @@ def flex_attention(method, query, key, value, attention_mask, scaling: float, ca
     out = compiled_flex_attention(method_kind(method))(
         query, key, value, score_mod, block_mask, scaling, key.shape[1] != query.shape[1]
     )  # (B, H, Lq, D)
+    if query.device.type == "cpu" and not bool(torch.isfinite(out).all()):
+        _warn_non_finite()
+        return None  # the caller recomputes this call with SDPA
     return out.transpose(1, 2).contiguous()
+
+
+def _warn_non_finite() -> None:
+    global _warned_non_finite
+    if not _warned_non_finite:
+        import warnings
+
+        warnings.warn("FlexAttention on CPU returned non-finite values (a known issue of compiled CPU flex in torch "
+                      "2.13); those calls are recomputed with SDPA. hf_posenc.set_backend(model, 'auto') avoids flex "
+                      "on CPU altogether.", RuntimeWarning, stacklevel=3)
+        _warned_non_finite = True
