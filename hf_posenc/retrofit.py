@@ -222,16 +222,9 @@ def model_facts(model: str):
     import transformers
 
     from .registry import arch_for
-    from .sources import SOURCES
-
-    if model in SOURCES and SOURCES[model].kind == "model":
-        from .sources import is_fetched, resolve_model
-
-        if not is_fetched(model):  # the config is only known once fetched: fetch now (the first stage anyway)
-            resolve_model(model)
     from .sources import resolve_model
 
-    try:
+    try:  # a named source is fetched here if needed (the first stage anyway): its config is only known then
         config = transformers.AutoConfig.from_pretrained(resolve_model(model))
     except OSError as err:
         raise ValueError(f"cannot read the model config of {model!r}: {err}") from None
@@ -563,8 +556,6 @@ def plot(plan: Plan, rows: dict[str, dict]) -> list[Path]:
 def logs_to_file(out: Path):
     """transformers', accelerate's and python's warnings go to ``<out>/retrofit.log`` instead of between the stage
     lines; everything is put back on exit."""
-    from transformers.utils import logging as hf_logging
-
     out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out / "retrofit.log")
     loggers = [logging.getLogger(name) for name in ("transformers", "accelerate", "peft", "py.warnings")]
@@ -583,7 +574,6 @@ def logs_to_file(out: Path):
             logger.handlers[:] = handlers
             logger.propagate = propagate
         handler.close()
-        del hf_logging  # imported so that transformers' root logger exists before it is redirected
 
 
 def run_stages(plan: Plan, started: float) -> dict[str, dict]:
