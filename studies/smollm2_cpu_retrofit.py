@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -38,6 +39,7 @@ TRAINING_FREE = {
 
 def common_args(args) -> list[str]:
     extra = ["--eval-lengths", args.lengths] if args.lengths else []
+    extra += shlex.split(args.retrofit_args) if args.retrofit_args else []
     return extra + (["--passkey-samples", str(args.passkey_samples)] if args.passkey_samples else [])
 
 
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help=f"comma-separated rows of {[*FINETUNED, *TRAINING_FREE]}")
     parser.add_argument("--lengths", default=None, help="evaluation lengths (default: the retrofit's 1k-16k)")
     parser.add_argument("--passkey-samples", type=int, default=None)
+    parser.add_argument("--retrofit-args", default=None,
+                        help="more hf-posenc retrofit flags for every row, e.g. '--model DIR --data FILE' (tests)")
     args = parser.parse_args(argv)
     names = args.only.split(",") if args.only else [*FINETUNED, *TRAINING_FREE]
     path = args.out / "results.json"

@@ -113,3 +113,28 @@ def test_smollm2_study_quick(tmp_path, monkeypatch):
     skipped = json.loads((out / "results.json").read_text())["variants"]
     assert skipped["original"] == results["variants"]["original"]
     assert all("time budget" in skipped[n]["skipped"] for n in names[1:])
+
+
+def test_smollm2_cpu_study_rows_on_a_tiny_llama(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """The CPU study's plumbing: fine-tuned rows through hf-posenc retrofit, training-free rows scored alone, the
+    original shared through the source cache, one results.json / table.md."""
+    import shutil
+
+    from tiny_models import DATA, tiny_model
+
+    monkeypatch.setenv("HF_POSENC_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(model)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, model)
+    study = load_script("smollm2_cpu_retrofit")
+    extra = (f"--model {model} --data {TEXT} --heldout {TEXT} --other-heldout {DATA / 'other.txt'} --steps 2 "
+             "--seq-len 32 --batch-size 2 --eval-tokens 128")
+    assert study.main(["--out", str(tmp_path / "study"), "--only", "default,dynamic-ntk", "--lengths", "32,128",
+                       "--retrofit-args", extra]) == 0
+    rows = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert {"original", "default", "dynamic-ntk"} <= set(rows)
+    assert any(name.endswith("training-free") for name in rows)
+    assert rows["default"]["finetune"]["tokens"] == 2 * 2 * 32
+    table = (tmp_path / "study" / "table.md").read_text()
+    assert "Held-out other" in table and "| dynamic-ntk |" in table
