@@ -375,7 +375,8 @@ def score_model(plan: Plan, label: str, identity: Any, load: Callable, shared: b
             if place.is_file():
                 print(f"      found {place}; skipping")
                 scores = json.loads(place.read_text())["scores"]
-                write_json(places[0], {"label": label, "identity": identity, "scores": scores})
+                if place != places[0]:  # found in the source cache: this run's folder gets its copy
+                    write_json(places[0], {"label": label, "identity": identity, "scores": scores})
                 return scores
         model, tokenizer, limit = load()
         scores = compute_scores(plan, model, tokenizer, limit, skip_inside)
