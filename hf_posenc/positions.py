@@ -21,8 +21,10 @@ def cache_argument(kwargs: dict):
 
 
 def cache_output(output):
-    """The KV cache a forward returned, if any (ModelOutput field; tuple outputs carry none we can mark)."""
-    return next((getattr(output, name) for name in CACHE_NAMES if getattr(output, name, None) is not None), None)
+    """The KV cache a forward returned, if any (ModelOutput field; tuple outputs carry none we can mark). Only the
+    field the output class declares is read: 5.24 keeps ``past_key_values`` as a property that logs a deprecation."""
+    declared = getattr(type(output), "__dataclass_fields__", {})
+    return next((getattr(output, name) for name in CACHE_NAMES if name in declared), None)
 
 
 def cached_positions(cache) -> torch.Tensor | None:

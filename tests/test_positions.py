@@ -252,3 +252,17 @@ def test_random_decode_equals_the_full_forward(family, case, length, pad, offset
         steps.append(out.logits)
     real = mask.bool()
     torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], atol=TOL, rtol=0)
+
+
+@causal
+def test_reading_the_returned_cache_logs_no_deprecation(family, monkeypatch):
+    """The positions hook reads the cache a forward returns through the field the output declares; touching the
+    old ``past_key_values`` name on 5.24 logs a deprecation on every user's first forward."""
+    from transformers.utils import generic
+
+    logged = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: logged.append(msg))
+    model = converted(family, "alibi")
+    model(ids(1, 8), use_cache=True)
+    model(ids(1, 8), use_cache=False)  # training: the output has no cache
+    assert not [m for m in logged if "deprecated" in m], logged
