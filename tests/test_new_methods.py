@@ -173,6 +173,33 @@ def test_transformer_xl_starts_as_nope():
         torch.testing.assert_close(txl(x).logits, nope(x).logits, atol=TOL, rtol=0)
 
 
+def test_transformer_xl_trains_from_its_zero_start():
+    model = hf_posenc.convert(tiny_model("gpt2"), "transformer_xl")
+    x = ids(2, 40)
+    model(x, labels=x).loss.backward()
+    method = model.base_model.posenc
+    assert all(p.weight.grad.abs().max() > 0 for p in method.projections)
+    assert method.u.grad.abs().max() > 0
+    assert method.v.grad.abs().max() == 0  # d/dv = W_R R, zero until W_R moves
+    with torch.no_grad():
+        for p in method.projections:
+            p.weight.add_(0.01)
+    model.zero_grad()
+    model(x, labels=x).loss.backward()
+    assert method.v.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("name, options", [("learned", {}), ("fire", {}), ("transformer_xl", {"init_std": 0.1})])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_every_parameter_of_the_method_gets_a_gradient(family, name, options):
+    """(FIRE's threshold L has a gradient from the queries below it: 40 tokens, L = the old limit 64.)"""
+    model = hf_posenc.convert(tiny_model(family), name, **options)
+    x = ids(2, 40)
+    model(x, labels=x).loss.backward()
+    for key, p in model.base_model.posenc.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, key
+
+
 def test_transformer_xl_terms_equal_the_paper():
     torch.manual_seed(0)
     method = TransformerXL(TransformerXLOptions(init_std=0.3), shape())

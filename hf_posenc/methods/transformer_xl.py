@@ -8,7 +8,8 @@ Terms (b) + (d) are computed per distinct distance, (q_i + v) W_R R_d (B, H, Lq,
 (B, H, Lq, Lk); term (c) is u k_j per key. Causal and bidirectional alike (R_d is defined for negative d).
 
 Init: ``init_std`` = 0 (default) starts W_R, u and v at zero, so a fresh conversion computes exactly NoPE attention
-and fine-tuning grows the terms (every term has a non-zero gradient at zero: d/dW_R = (q + v) R^T, d/du = k).
+and fine-tuning grows the terms (at zero d/dW_R = (q + v) R^T and d/du = k are non-zero; d/dv = W_R R follows once
+W_R has moved).
 They depend on q and k, so Transformer-XL runs the eager kernel.
 """
 
