@@ -22,8 +22,6 @@ from ._seams import (
     sdpa_mask,
 )
 from .backends import dispatch
-from .backends import flex as flex_kernels
-from .backends import sdpa as sdpa_kernels
 from .backends.eager import eager_attention
 from .methods.base import PositionMethod
 
@@ -146,40 +144,34 @@ def posenc_attention_forward(
         getattr(method, "backend", "auto"), method, query, key, value, attention_mask, causal, dropout,
         attention_weights_requested(), method.plain_positions(q_len, k_len, query.device),
     )
-    gqa = key.shape[1] != query.shape[1]
-    if kernel == "sdpa-windowed":
-        slopes = flex_kernels.alibi_slopes_of(method, query.device)  # (H,)
-        return sdpa_kernels.alibi_windowed_attention(query, key, value, slopes, scaling, dropout), None
-    if kernel == "sdpa-banded":
-        return sdpa_kernels.t5_banded_attention(method, query, key, value, scaling), None
-    if kernel == "sdpa-blocked":
-        rows = min(sdpa_kernels.BLOCK_ROWS, query.shape[2])
-        template = method.shared(
-            ("template", rows, k_len, query.dtype),
-            lambda: sdpa_kernels.causal_template(method, k_pos[0], rows, query.dtype),
-        )
-        out = sdpa_kernels.blocked_attention(query, key, value, template, attention_mask, scaling, dropout, gqa)
-        return out, None
-    if kernel == "flex":
-        out = flex_kernels.flex_attention(method, query, key, value, attention_mask, scaling, causal)
-        if out is not None:
-            return out, None  # else a custom mask flex does not express: SDPA below
+    call = dispatch.KernelCall(module, method, query, key, value, attention_mask, dropout, scaling, causal, q_pos,
+                               k_pos, kwargs)
+    return dispatch.run_kernel(kernel, call)
 
-    if method.has_score_bias:
-        mask = biased_mask(method, attention_mask, q_pos, k_pos, causal, query.dtype)
-    else:
-        mask = attention_mask
 
-    if kernel == "eager":
-        if mask is None or mask.dtype == torch.bool:
-            mask = keep_mask(mask, q_len, k_len, causal, query.dtype, query.device)
-        return eager_attention(module, method, query, key, value, mask, dropout, scaling, q_pos, k_pos)
+def shared_mask(call: "dispatch.KernelCall") -> torch.Tensor | None:
+    """transformers' mask with the method's bias folded in (built once per forward), or the mask as it is."""
+    if not call.method.has_score_bias:
+        return call.attention_mask
+    return biased_mask(call.method, call.attention_mask, call.q_pos, call.k_pos, call.causal, call.query.dtype)
 
-    kwargs.pop("is_causal", None)
-    is_causal = causal and mask is None
-    return sdpa_attention_forward(
-        module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-    )
+
+def eager_kernel(call: "dispatch.KernelCall"):
+    """The ``"eager"`` kernel: explicit softmax; returns the probabilities; runs content terms."""
+    mask = shared_mask(call)
+    q_len, k_len = call.query.shape[2], call.key.shape[2]
+    if mask is None or mask.dtype == torch.bool:
+        mask = keep_mask(mask, q_len, k_len, call.causal, call.query.dtype, call.query.device)
+    return eager_attention(call.module, call.method, call.query, call.key, call.value, mask, call.dropout,
+                           call.scaling, call.q_pos, call.k_pos)
+
+
+def sdpa_kernel(call: "dispatch.KernelCall"):
+    """The ``"sdpa"`` kernel: transformers' SDPA with one float mask (bias + padding / causal) per forward."""
+    mask = shared_mask(call)
+    kwargs = {k: v for k, v in call.kwargs.items() if k != "is_causal"}
+    return sdpa_attention_forward(call.module, call.query, call.key, call.value, mask, dropout=call.dropout,
+                                  scaling=call.scaling, is_causal=call.causal and mask is None, **kwargs)
 
 
 def register() -> None:

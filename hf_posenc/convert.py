@@ -4,6 +4,7 @@ rebuilds a saved converted model. Everything that can fail is checked before the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -46,6 +47,12 @@ def model_shape(spec: ArchSpec, model: PreTrainedModel) -> ModelShape:
         token_embedding_rms=_rms(embeddings),
         weights_known=not embeddings.is_meta,
     )
+
+
+def _position_table(spec: ArchSpec, model) -> torch.Tensor | None:
+    """(old_limit, E): the learned absolute table conversion removes, or None where the family has none."""
+    table = model.base_model.get_submodule(spec.position_table) if spec.position_table else None
+    return table.weight.detach() if isinstance(table, nn.Embedding) else None
 
 
 def _rms(weight: torch.Tensor) -> float | None:
@@ -98,19 +105,21 @@ def convert(model: PreTrainedModel, method: str | PosEncConfig, /, max_position_
             f"hf_posenc relies on for {spec.family!r} have moved (transformers {transformers.__version__})"
         )
     shape = model_shape(spec, model)
-    options_obj = posenc.method_options()
-    options_obj.validate(shape)
-    options_obj = options_obj.resolve(shape)
     default_limit = min(max(16 * shape.original_max_positions, 8192), MAX_POSITIONS)  # a reload checks the cap
     new_limit = posenc.max_position_embeddings or default_limit
     if new_limit < shape.original_max_positions:
         raise ValueError(
             f"max_position_embeddings={new_limit} is below the model's current limit {shape.original_max_positions}"
         )
+    shape = dataclasses.replace(shape, max_positions=new_limit)
+    options_obj = posenc.method_options()
+    options_obj.validate(shape)
+    options_obj = options_obj.resolve(shape)
     reference = next(model.parameters())
     position_method = method_class(posenc.method)(options_obj, shape).to(reference.device)
     position_method.backend = posenc.backend  # read by the attention function on every call
     position_method.to(reference.dtype)
+    position_method.inherit_positions(_position_table(spec, model))  # fills the method's own tables only
     native_rotary = _native_rotary(spec, model, position_method, shape) if spec.rotary else None
 
     if spec.extend_limit is not None:  # the first change: it allocates, and leaves the model as it was if that fails

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from .arches import ARCHES, ArchSpec
-from .methods import Alibi, Nope, PositionMethod, Rope, Shaw, Sinusoidal, T5Bias
+from .methods import (
+    Alibi, Fire, Learned, Nope, PositionMethod, Rope, Shaw, Sinusoidal, T5Bias, TransformerXL, Xpos,
+)
 
 METHODS: dict[str, type[PositionMethod]] = {
     "alibi": Alibi,
@@ -12,6 +14,10 @@ METHODS: dict[str, type[PositionMethod]] = {
     "shaw": Shaw,
     "sinusoidal": Sinusoidal,
     "nope": Nope,
+    "learned": Learned,
+    "xpos": Xpos,
+    "transformer_xl": TransformerXL,
+    "fire": Fire,
 }
 
 ARCH_BY_MODEL_TYPE: dict[str, ArchSpec] = {t: spec for spec in ARCHES for t in spec.model_types}

@@ -1,6 +1,8 @@
 """GPT-2 extrapolation study: pretrain a small GPT-2 (learned positions) on Shakespeare at a short length,
 retrofit it with every position method, fine-tune each briefly at the same length, and score held-out
-perplexity at 1x ... 16x that length (the shape of the ALiBi paper's table, at our scale).
+perplexity at 1x ... 16x that length (the shape of the ALiBi paper's table, at our scale). One more row needs
+no training: the pretrained model's own learned table copied out to the longest length (``learned``,
+``extend="copy"``, as Longformer extended RoBERTa), the zero-training baseline.
 
     python studies/gpt2_extrapolation.py --out runs/study_gpt2            # the full study (~45 min, 2 cores)
     python studies/gpt2_extrapolation.py --out /tmp/s --quick             # tiny settings, a minute (tests)
@@ -18,7 +20,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-METHODS = ("alibi", "rope", "t5", "shaw", "sinusoidal", "nope")
+METHODS = ("alibi", "rope", "t5", "shaw", "sinusoidal", "nope", "learned", "xpos", "transformer_xl", "fire")
+ZERO_TRAINING = "learned (copy, no fine-tune)"  # the baseline every retrofit row must beat (Longformer's copy)
 
 
 @dataclass
@@ -98,6 +101,20 @@ def finetune(settings: Settings, model: Path, method: str, steps: int, lr: float
     return info
 
 
+def zero_training_baseline(pretrained: Path, out: Path, rows: int) -> None:
+    """The pretrained model with its learned table copied out to ``rows`` positions, saved as it is (no training)."""
+    import transformers
+
+    import hf_posenc
+
+    if (out / "config.json").is_file():
+        return
+    model = transformers.AutoModelForCausalLM.from_pretrained(pretrained)
+    hf_posenc.convert(model, "learned", extend="copy", max_position_embeddings=rows)
+    model.save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(pretrained).save_pretrained(out)
+
+
 def heldout_perplexity(model_dir: Path, lengths: list[int], heldout: Path, tokens: int, native: bool) -> dict:
     """posenc_ppl (lm-eval) at each length; a native GPT-2 only at lengths its table covers."""
     import torch
@@ -139,11 +156,14 @@ def run(settings: Settings, out: Path, methods: tuple[str, ...]) -> dict:
         runs[method] = finetune(settings, pretrained, method, settings.retrofit_steps, settings.retrofit_lr, text,
                                 out / f"retrofit-{method}")
     lengths = [settings.seq_len * m for m in settings.multiples]
+    print(f"== {ZERO_TRAINING}", flush=True)
+    zero_training_baseline(pretrained, out / "learned-zero-training", max(lengths))
+    runs[ZERO_TRAINING] = {"method": "learned", "steps": 0, "seconds": 0}
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     results.setdefault("perplexity", {})
     folders = {"native (pretrained)": pretrained, "native (continued)": out / "native-continued",
-               **{m: out / f"retrofit-{m}" for m in methods}}
+               ZERO_TRAINING: out / "learned-zero-training", **{m: out / f"retrofit-{m}" for m in methods}}
     for name, folder in folders.items():
         if name in results["perplexity"]:
             continue

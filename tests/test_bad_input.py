@@ -33,7 +33,7 @@ def assert_unchanged(model, before):
 @pytest.mark.parametrize(
     "method, options, message",
     [
-        ("alibii", {}, "known methods: alibi, rope, t5, shaw, sinusoidal, nope"),
+        ("alibii", {}, "known methods: alibi, rope, t5, shaw, sinusoidal, nope, learned, xpos, transformer_xl, fire"),
         ("rope", {"scaling": "ntk"}, "option 'scaling' must be one of"),
         ("rope", {"factor": 0.5}, "option 'factor' must be a number >= 1.0, got 0.5"),
         ("rope", {"scaling": "yarn"}, "option 'factor' must be > 1"),
@@ -54,6 +54,14 @@ def assert_unchanged(model, before):
         ("sinusoidal", {"base": float("nan")}, "option 'base' must be a finite number"),
         ("sinusoidal", {"scale": float("inf")}, "option 'scale' must be a finite number"),
         ("nope", {"anything": 1}, "unknown option(s) ['anything'] for method 'nope'; valid options: (none)"),
+        ("learned", {"extend": "tile"}, "option 'extend' must be one of ['copy', 'interpolate', 'zeros']"),
+        ("xpos", {"scale_base": 0}, "option 'scale_base' must be a number >= 1e-06, got 0"),
+        ("xpos", {"gamma": float("nan")}, "option 'gamma' must be a finite number"),
+        ("transformer_xl", {"init_std": -1.0}, "option 'init_std' must be a number >= 0.0, got -1.0"),
+        ("transformer_xl", {"base": 1.0}, "option 'base'"),
+        ("fire", {"width": 1}, "option 'width' must be an integer >= 2, got 1"),
+        ("fire", {"threshold": 0.5}, "option 'threshold' must be a number >= 1.0, got 0.5"),
+        ("fire", {"init": "t5"}, "option 'init' must be one of ['alibi', 'zeros']"),
     ],
 )
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

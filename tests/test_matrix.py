@@ -27,9 +27,14 @@ METHOD_CASES = {
     "shaw": {"max_distance": 8},
     "sinusoidal": {},
     "nope": {},
+    "learned": {},
+    "learned-interpolate": {"extend": "interpolate"},
+    "xpos": {},
+    "transformer_xl": {},
+    "fire": {},
 }
 CAUSAL = [f for f in FAMILIES if f != "bert"]
-LEARNED = ("t5", "shaw")
+LEARNED = ("t5", "shaw", "learned", "learned-interpolate", "transformer_xl", "fire")
 TOL = 1e-4
 
 

@@ -77,7 +77,7 @@ def test_shaw_terms_equal_explicit_loops():
     probs = torch.softmax(torch.randn(2, 4, 5, 9), -1)
     q_pos, k_pos = torch.arange(4, 9)[None], torch.arange(9)[None]
     keys, values = method.layers[1].keys, method.layers[1].values
-    key_term = method.key_term(q, 1, q_pos, k_pos)
+    key_term = method.key_term(q, None, 1, q_pos, k_pos)
     value_term = method.value_term(probs, 1, q_pos, k_pos)
     for i, qi in enumerate(q_pos[0].tolist()):
         expected_v = torch.zeros(2, 4, 8)

@@ -8,7 +8,10 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from hf_posenc.cli import main as cli  # noqa: E402
-from hf_posenc.integrations import plotting  # noqa: E402
+import torch  # noqa: E402
+
+from hf_posenc.integrations import plotting, position_plots  # noqa: E402
+from hf_posenc.methods.alibi import alibi_slopes  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -68,7 +71,7 @@ def test_plot_command_writes_both_pngs(result_folders, tmp_path, capsys):
     out = tmp_path / "plots"
     assert cli(["plot", *map(str, result_folders), "--out", str(out)]) == 0
     printed = capsys.readouterr().out.split()
-    assert printed == [str(out / "perplexity.png"), str(out / "passkey.png")]
+    assert printed == [str(out / "perplexity.png"), str(out / "passkey.png"), str(out / "needle.png")]
     for path in printed:
         assert open(path, "rb").read(8) == PNG
 
@@ -85,3 +88,56 @@ def test_no_results_and_missing_folder_are_errors(tmp_path, capsys):
     assert "no posenc_ppl" in capsys.readouterr().err
     assert plotting.main([str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ---- position terms and needles -----------------------------------------------------------------------------
+def test_needle_grid_reads_depth_by_length(tmp_path):
+    write_result(tmp_path, "m", {"pretrained": "m"}, per_length(
+        "posenc_passkey", {1024: 0.5}, {"1024@0,none": 1.0, "1024@0.5,none": 0.0, "2048@0.5,none": 0.25}), date=1.0)
+    grids = position_plots.needle_grid(plotting.load_results([tmp_path]))
+    assert grids == {"m": {(0.0, 1024): 1.0, (0.5, 1024): 0.0, (0.5, 2048): 0.25}}
+    assert open(position_plots.plot_needles(grids, tmp_path)[0], "rb").read(8) == PNG
+
+
+@pytest.mark.parametrize("method, what", [("alibi", "score bias"), ("fire", "score bias"),
+                                          ("xpos", "rotated score"), ("transformer_xl", "content term"),
+                                          ("learned", "cosine similarity")])
+def test_position_term_per_method_kind(method, what):
+    from test_matrix import converted
+
+    model = converted("gpt2", method)
+    term, label = position_plots.position_term(model.base_model.posenc, 16)
+    assert label.startswith(what)
+    heads = 1 if method == "learned" else model.config.num_attention_heads
+    assert term.shape == (heads, 16, 16) and torch.isfinite(term).all()
+    if method == "alibi":  # the bias itself: -m_h |i - j|
+        slopes = alibi_slopes(heads)
+        distance = (torch.arange(16)[:, None] - torch.arange(16)[None]).abs()
+        torch.testing.assert_close(term, -slopes[:, None, None] * distance)
+
+
+def test_plot_positions_command_on_a_saved_model(tmp_path, capsys):
+    from tiny_models import tiny_model
+
+    import hf_posenc
+
+    hf_posenc.convert(tiny_model("llama"), "rope").save_pretrained(tmp_path / "model")
+    out = tmp_path / "plots"
+    assert cli(["plot", "--positions", str(tmp_path / "model"), "--lengths", "8", "24", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(out / name) for name in ("positions_8.png", "positions_24.png", "positions_distance.png")]
+    for path in printed:
+        assert open(path, "rb").read(8) == PNG
+
+
+def test_plot_positions_errors_name_the_problem(tmp_path, capsys):
+    from tiny_models import tiny_model
+
+    import hf_posenc
+
+    hf_posenc.convert(tiny_model("gpt2"), "nope").save_pretrained(tmp_path / "nope")
+    assert cli(["plot", "--positions", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "adds no position term" in capsys.readouterr().err
+    assert cli(["plot", "--positions", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit):
+        cli(["plot", "--out", str(tmp_path)])

@@ -46,7 +46,8 @@ def test_explicit_position_ids_change_the_output(family, case):
     assert (plain - doubled).abs().max() > 1e-5  # identical computations differ by 0 exactly
 
 
-@pytest.mark.parametrize("case", ["alibi", "t5", "shaw", "rope", "rope-partial", "rope-linear", "rope-yarn"])
+@pytest.mark.parametrize("case", ["alibi", "t5", "shaw", "rope", "rope-partial", "rope-linear", "rope-yarn", "xpos",
+                                  "transformer_xl"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_relative_methods_ignore_a_common_offset(family, case):
     model = converted(family, case)
@@ -176,7 +177,8 @@ def test_static_cache_prefill_sees_no_future_tokens(family, case):
     torch.testing.assert_close(first[:, :40], second[:, :40], atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["alibi", "t5", "shaw", "rope", "sinusoidal"])
+@pytest.mark.parametrize("case", ["alibi", "t5", "shaw", "rope", "sinusoidal", "learned", "xpos", "transformer_xl",
+                                  "fire"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_static_generate_matches_dynamic_generate(family, case):
     model = converted(family, case)

@@ -29,7 +29,8 @@ def test_gpt2_study_quick(tmp_path, monkeypatch):
     assert study.main(["--out", str(out), "--quick", "--methods", "alibi,nope", "--plot", str(tmp_path / "p.png")]) == 0
     results = json.loads((out / "results.json").read_text())
     ppl = results["perplexity"]
-    assert set(ppl) == {"native (pretrained)", "native (continued)", "alibi", "nope"}
+    assert set(ppl) == {"native (pretrained)", "native (continued)", "alibi", "nope", study.ZERO_TRAINING}
+    assert set(ppl[study.ZERO_TRAINING]) == {"32", "64", "128"}  # the copied table covers every length
     assert set(ppl["native (pretrained)"]) == {"32"}  # the learned table covers 1x only
     assert set(ppl["alibi"]) == {"32", "64", "128"}
     assert "| alibi |" in (out / "table.md").read_text()
@@ -66,6 +67,7 @@ def test_minilm_study_quick(tmp_path, monkeypatch):
     assert long["pieces"] == 5 and long["fine-tuned (whole)"]["n"] == 8
     assert -1 <= long["fine-tuned (whole)"]["mean"] <= 1
     assert "| fine-tuned (whole) | 256 |" in (out / "table.md").read_text()
+    assert "| learned copy, no fine-tune (whole) | 256 |" in (out / "table.md").read_text()
     assert (tmp_path / "p.png").stat().st_size > 1000
     # re-running reuses every stage (the student is not trained again)
     mtime = (out / "student" / "config.json").stat().st_mtime

@@ -1,16 +1,21 @@
 """Which kernel runs one attention call: the backend the user chose, refined by what the call needs.
 
-Kernels: ``"eager"``; ``"sdpa"`` (one shared float mask); the query-block SDPA kernels of :mod:`.sdpa`:
-``"sdpa-windowed"`` (ALiBi), ``"sdpa-banded"`` (T5, inference), ``"sdpa-blocked"`` (any relative bias);
-``"flex"``. The ``auto`` rules below come from the CPU measurements in docs/performance.md (GPT-2 shape: 12 heads
-of 64, fp32, torch 2.13):
+Kernels live in :data:`KERNELS`, keyed by name (as transformers' ``AttentionInterface`` keys attention functions),
+each with the capability it needs of a method's declared :class:`~hf_posenc.methods.base.PositionTerm`:
+``"eager"`` (anything: the only one for content terms and attention weights); ``"sdpa"`` (one shared float mask:
+any position-only term); the query-block SDPA kernels of :mod:`.sdpa`: ``"sdpa-windowed"`` (a ``linear``
+distance bias: ALiBi), ``"sdpa-banded"`` (a ``banded`` distance bias: T5, inference), ``"sdpa-blocked"`` (any bias
+that depends only on the distance); ``"flex"`` (no bias, or a linear / banded one). A bias that depends on the
+query and key positions themselves (FIRE) runs ``sdpa`` or ``eager``. The ``auto`` rules below come from the CPU
+measurements in docs/performance.md (GPT-2 shape: 12 heads of 64, fp32, torch 2.13):
 
-1. attention weights requested, or a method that needs the probabilities (Shaw) -> ``eager`` (any backend);
+1. attention weights requested, or a method with a content term (Shaw, Transformer-XL) -> ``eager`` (any backend);
    positions other than key indices (explicit ids with gaps, packed rows, static caches) -> ``sdpa``;
-2. no position bias (RoPE, NoPE, sinusoidal) -> ``sdpa``: the native kernel (``is_causal`` when unpadded);
-3. a relative bias (ALiBi, T5) on a causal model with at least ``BLOCKED_MIN_QUERIES`` queries:
-   a. ALiBi on CPU, no padding mask (with autograd: no dropout) -> ``sdpa-windowed``;
-   b. T5, no padding mask, no autograd, CPU -> ``sdpa-banded``;
+2. no position bias (RoPE, xPos, NoPE, sinusoidal, learned) -> ``sdpa``: the native kernel (``is_causal`` when
+   unpadded);
+3. a distance bias (ALiBi, T5) on a causal model with at least ``BLOCKED_MIN_QUERIES`` queries:
+   a. a linear one (ALiBi) on CPU, no padding mask (with autograd: no dropout) -> ``sdpa-windowed``;
+   b. a banded one (T5), no padding mask, no autograd, CPU -> ``sdpa-banded``;
    c. otherwise (padding, dropout, T5 training) -> ``sdpa-blocked``;
 4. otherwise (short inputs, decode steps, encoders) -> ``sdpa`` with the shared bias: at these sizes one
    (1, H, Lq, Lk) bias is small and a single call is cheapest; a decode step's bias is one (1, H, 1, Lk) row.
@@ -23,12 +28,106 @@ not finish in 6 minutes; ALiBi on a GPU takes ``sdpa-blocked`` like T5 (measured
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
 import torch
 
+from ..methods.base import PositionTerm
 from . import flex, sdpa
 
 BLOCKED_MIN_QUERIES = 512  # below: the shared (1, H, Lq, Lk) bias is as fast and small enough
 WINDOWED_MIN_QUERIES = 512
+
+
+@dataclass
+class KernelCall:
+    """One attention call, as every kernel receives it. q (B,H,Lq,D), k / v (B,Hkv,Lk,D) (cache included, already
+    rotated), mask: transformers' (bool (B|1,1,Lq,Lk) True = attend, additive float, or None), q_pos (P,Lq),
+    k_pos (P,Lk)."""
+
+    module: Any
+    method: Any
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attention_mask: torch.Tensor | None
+    dropout: float
+    scaling: float
+    causal: bool
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """``runs(term)``: whether it can compute a method declaring ``term``; ``run(call)`` -> (out (B,Lq,H,D), probs
+    or None), or None when this call is one it does not express (the caller then uses ``"sdpa"``)."""
+
+    name: str
+    runs: Callable[[PositionTerm], bool]
+    run: Callable[[KernelCall], tuple | None]
+
+
+KERNELS: dict[str, Kernel] = {}
+
+
+def register_kernel(kernel: Kernel) -> None:
+    KERNELS[kernel.name] = kernel
+
+
+def can_run(name: str, method) -> bool:
+    return KERNELS[name].runs(method.term)
+
+
+def run_kernel(name: str, call: KernelCall) -> tuple:
+    out = KERNELS[name].run(call)
+    return KERNELS["sdpa"].run(call) if out is None else out
+
+
+def _attention():  # the attention function's own kernels (shared-bias SDPA, eager) live next to it
+    from .. import attention
+
+    return attention
+
+
+def _windowed(call: KernelCall):
+    slopes = flex.alibi_slopes_of(call.method, call.query.device)  # (H,)
+    return sdpa.alibi_windowed_attention(call.query, call.key, call.value, slopes, call.scaling, call.dropout), None
+
+
+def _banded(call: KernelCall):
+    return sdpa.t5_banded_attention(call.method, call.query, call.key, call.value, call.scaling), None
+
+
+def _blocked(call: KernelCall):
+    method, query, k_len = call.method, call.query, call.key.shape[2]
+    rows = min(sdpa.BLOCK_ROWS, query.shape[2])
+    template = method.shared(
+        ("template", rows, k_len, query.dtype),
+        lambda: sdpa.causal_template(method, call.k_pos[0], rows, query.dtype),
+    )
+    gqa = call.key.shape[1] != query.shape[1]
+    return sdpa.blocked_attention(query, call.key, call.value, template, call.attention_mask, call.scaling,
+                                  call.dropout, gqa), None
+
+
+def _flex(call: KernelCall):
+    out = flex.flex_attention(call.method, call.query, call.key, call.value, call.attention_mask, call.scaling,
+                              call.causal)
+    return None if out is None else (out, None)
+
+
+for _kernel in (
+    Kernel("eager", lambda term: True, lambda call: _attention().eager_kernel(call)),
+    Kernel("sdpa", lambda term: not term.content, lambda call: _attention().sdpa_kernel(call)),
+    Kernel("sdpa-blocked", lambda term: not term.content and term.bias == "distance", _blocked),
+    Kernel("sdpa-windowed", lambda term: term.bias_form == "linear", _windowed),
+    Kernel("sdpa-banded", lambda term: term.bias_form == "banded", _banded),
+    Kernel("flex", lambda term: not term.content and (term.bias is None or term.bias_form is not None), _flex),
+):
+    register_kernel(_kernel)
 
 
 def method_kind(method) -> str | None:
@@ -48,24 +147,25 @@ def choose_kernel(backend: str, method, query, key, value, attention_mask, causa
     """The kernel for one call (see the module doc for the ``auto`` rules). ``plain_positions``: the positions are
     key indices (one row, consecutive, queries last); the query-block and flex kernels assume it, so other
     positions (explicit ids with gaps, packing, per-row offsets, a static cache's capacity) take ``sdpa``."""
-    if weights_requested or method.has_relative_kv or backend == "eager":
+    if weights_requested or backend == "eager" or not can_run("sdpa", method):
         return "eager"
     if backend == "sdpa" or not plain_positions:
         return "sdpa"
     grad = needs_grad(method, query, key, value)
     if backend == "flex":
-        return "flex" if flex.supports(method, query, key, attention_mask, dropout, grad) else "sdpa"
+        return "flex" if can_run("flex", method) and flex.supports(method, query, key, attention_mask, dropout,
+                                                                  grad) else "sdpa"
     # auto
-    if not method.has_score_bias:
+    if method.term.bias is None:
         return "sdpa"
-    kind = method_kind(method)
-    if causal and kind is not None and query.shape[2] >= BLOCKED_MIN_QUERIES:
+    if causal and query.shape[2] >= BLOCKED_MIN_QUERIES:
         if (
-            kind == "alibi" and attention_mask is None and query.shape[2] >= WINDOWED_MIN_QUERIES
+            can_run("sdpa-windowed", method) and attention_mask is None and query.shape[2] >= WINDOWED_MIN_QUERIES
             and query.device.type == "cpu" and (not grad or sdpa.can_train_windowed(query, dropout))
         ):
             return "sdpa-windowed"
-        if kind == "t5" and attention_mask is None and not grad and sdpa.can_band(method, query):
+        if can_run("sdpa-banded", method) and attention_mask is None and not grad and sdpa.can_band(method, query):
             return "sdpa-banded"
-        return "sdpa-blocked"
+        if can_run("sdpa-blocked", method):
+            return "sdpa-blocked"
     return "sdpa"

@@ -15,7 +15,7 @@ def eager_attention(module, method, query, key, value, mask, dropout, scaling, q
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, H, Lk, D)
     scores = query @ key.transpose(2, 3)  # (B, H, Lq, Lk)
     if method.has_relative_kv:
-        scores = scores + method.key_term(query, module.layer_idx, q_pos, k_pos)
+        scores = scores + method.key_term(query, key, module.layer_idx, q_pos, k_pos)
     scores = scores * scaling
     if mask is not None:
         scores = scores + mask

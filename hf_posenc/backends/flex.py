@@ -69,21 +69,19 @@ def available() -> bool:
 
 
 def method_kind(method) -> str | None:
-    """'alibi' / 't5' / 'none' (no score bias) when flex has a score_mod for the method, else None."""
-    if not method.has_score_bias:
+    """'alibi' / 't5' / 'none' from the method's declared term: flex has a score_mod for no bias, a linear
+    distance bias and a banded one; None for any other term."""
+    term = method.term
+    if term.content:
+        return None
+    if term.bias is None:
         return "none"
-    if hasattr(method, "slopes"):
-        return "alibi"
-    if hasattr(method, "relative_attention_bias") and hasattr(method, "bucket"):
-        return "t5"
-    return None
+    return {"linear": "alibi", "banded": "t5"}.get(term.bias_form)
 
 
 def alibi_slopes_of(method, device) -> torch.Tensor:
-    """(H,) fp32 ALiBi slopes (``Alibi.slopes`` is a method; older versions kept a buffer)."""
-    slopes = method.slopes
-    slopes = slopes(device) if callable(slopes) else slopes
-    return slopes.to(device=device, dtype=torch.float32)
+    """(H,) fp32 slopes of a method declaring a linear distance bias."""
+    return method.slopes(device).to(device=device, dtype=torch.float32)
 
 
 def supports(method, query, key, attention_mask, dropout: float, needs_grad: bool) -> bool:
@@ -163,10 +161,8 @@ def build_block_mask(attention_mask, q_len: int, k_len: int, causal: bool, devic
 
 # ---- score mods ------------------------------------------------------------------------------------------
 def t5_distance_table(method, dtype) -> torch.Tensor:
-    """(H, 2R+1): T5 bias for k - q in [-R, R] (R = max_distance; the buckets are constant beyond)."""
-    reach = method.options.max_distance
-    distances = torch.arange(-reach, reach + 1, device=method.relative_attention_bias.weight.device)
-    return method.relative_attention_bias(method.bucket(distances)).to(dtype).T.contiguous()
+    """(H, 2R+1): a banded bias for k - q in [-R, R] (R = ``bias_reach()``; constant beyond)."""
+    return method.distance_table(method.bias_reach(), dtype)
 
 
 def score_mod_for(method, q_len: int, k_len: int, dtype, device):
@@ -184,7 +180,7 @@ def score_mod_for(method, q_len: int, k_len: int, dtype, device):
     if kind == "t5":
         table = t5_distance_table(method, torch.float32)  # (H, 2R+1)
         torch._dynamo.mark_static(table)
-        reach = method.options.max_distance
+        reach = method.bias_reach()
 
         def t5(score, b, h, q_idx, kv_idx):
             return score + table[h, (kv_idx - q_idx - offset).clamp(-reach, reach) + reach]

@@ -315,7 +315,7 @@ def t5_banded_attention(method, query, key, value, scaling: float, rows: int = B
     k_len = key.shape[2]
     offset = k_len - q_len
     groups = heads // key.shape[1]
-    width = -(-method.options.max_distance // rows) * rows
+    width = -(-method.bias_reach() // rows) * rows
     # contiguous (B, H, L, D): overlapping key windows are strided views of it
     q = query.contiguous()
     k = key.repeat_interleave(groups, 1) if groups > 1 else key.contiguous()
@@ -323,7 +323,7 @@ def t5_banded_attention(method, query, key, value, scaling: float, rows: int = B
     positions = torch.arange(width + rows, device=query.device)
     band = method.score_bias(positions[None, -rows:], positions[None])[0].to(query.dtype).contiguous()  # (H, C, C + W)
     band = band.masked_fill_(positions[None, :] > positions[-rows:, None], torch.finfo(query.dtype).min)
-    reach = method.options.max_distance
+    reach = method.bias_reach()
     far_positions = torch.arange(reach + 1, device=query.device)
     far_bias = method.score_bias(far_positions[None, -1:], far_positions[None])[0, :, 0, 0].float()  # (H,) at >= R
     out = query.new_empty(batch, q_len, heads, dim)
@@ -363,4 +363,5 @@ def t5_banded_attention(method, query, key, value, scaling: float, rows: int = B
 
 
 def can_band(method, query) -> bool:
-    return _flash_cpu is not None and query.device.type == "cpu" and hasattr(method.options, "max_distance")
+    """The banded kernel (for a method declaring a banded bias) needs the CPU flash kernel."""
+    return _flash_cpu is not None and query.device.type == "cpu"

@@ -1,7 +1,8 @@
 """``hf-posenc plot``: perplexity and passkey accuracy against input length, one line per model, log-x, from
 lm-eval result folders (the ALiBi paper's Figure 3 layout).
 
-    hf-posenc plot results/ more_results/ --out docs/plots/     # -> perplexity.png, passkey.png
+    hf-posenc plot results/ more_results/ --out docs/plots/     # -> perplexity.png, passkey.png (+ needle.png)
+    hf-posenc plot --positions converted_model/ --out docs/plots/  # -> positions_<L>.png, positions_distance.png
 
 Reads every ``*.json`` with a ``results`` entry under the given folders (lm-eval's ``results_<date>.json``).
 Per-length metrics are the keys ``"<length>,none"`` of ``posenc_ppl`` (perplexity panel) and of
@@ -129,24 +130,45 @@ def plot(series: Series, out_dir: str | Path, trained: dict[str, int] | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import position_plots
+
     parser = argparse.ArgumentParser(prog="hf-posenc plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", nargs="+", help="lm-eval --output_path folders or result JSON files")
-    parser.add_argument("--out", default=".", help="folder for perplexity.png / passkey.png (default: .)")
+    parser.add_argument("results", nargs="*", help="lm-eval --output_path folders or result JSON files")
+    parser.add_argument("--positions", metavar="MODEL",
+                        help="a converted model (folder or hub name): plot its position term per head "
+                             "(hf_posenc/integrations/position_plots.py says what is drawn)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(position_plots.LENGTHS),
+                        help=f"lengths of the --positions heatmaps (default: {' '.join(map(str, position_plots.LENGTHS))})")
+    parser.add_argument("--out", default=".", help="folder for the pictures (default: .)")
     args = parser.parse_args(argv)
-    try:
-        series, trained = collect(load_results(args.results))
-    except FileNotFoundError as err:
-        print(f"hf-posenc plot: error: {err}", file=sys.stderr)
-        return 2
-    written = plot(series, args.out, trained)
-    if not written:
-        print(f"hf-posenc plot: error: no posenc_ppl / posenc_passkey / niah_* results in {', '.join(args.results)}",
-              file=sys.stderr)
-        return 2
+    if not args.results and not args.positions:
+        parser.error("give lm-eval result folders / files, --positions MODEL, or both")
+    if any(n < 2 for n in args.lengths):
+        parser.error("--lengths must be at least 2")
+    written = []
+    if args.positions:
+        from ..convert import from_pretrained
+
+        try:
+            model = from_pretrained(args.positions)
+            written += position_plots.plot_positions(model, args.out, args.lengths, label=Path(args.positions).name)
+        except (OSError, ValueError) as err:
+            print(f"hf-posenc plot: error: --positions {args.positions}: {err}", file=sys.stderr)
+            return 2
+    if args.results:
+        try:
+            results = load_results(args.results)
+        except FileNotFoundError as err:
+            print(f"hf-posenc plot: error: {err}", file=sys.stderr)
+            return 2
+        series, trained = collect(results)
+        found = plot(series, args.out, trained) + position_plots.plot_needles(position_plots.needle_grid(results),
+                                                                              args.out)
+        if not found:
+            print(f"hf-posenc plot: error: no posenc_ppl / posenc_passkey / niah_* results in "
+                  f"{', '.join(args.results)}", file=sys.stderr)
+            return 2
+        written += found
     for path in written:
         print(path)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,15 +1,20 @@
 """Position methods: one file each, one contract (see :mod:`hf_posenc.methods.base`)."""
 
 from .alibi import Alibi, AlibiOptions, alibi_slopes
-from .base import MethodOptions, ModelShape, PositionMethod
+from .base import MethodOptions, ModelShape, PositionMethod, PositionTerm
+from .fire import Fire, FireOptions
+from .learned import Learned, LearnedOptions
 from .nope import Nope, NopeOptions
 from .rope import Rope, RopeOptions
 from .shaw import Shaw, ShawOptions
 from .sinusoidal import Sinusoidal, SinusoidalOptions
 from .t5_bias import T5Bias, T5BiasOptions
+from .transformer_xl import TransformerXL, TransformerXLOptions
+from .xpos import Xpos, XposOptions
 
 __all__ = [
-    "Alibi", "AlibiOptions", "alibi_slopes", "MethodOptions", "ModelShape", "PositionMethod", "Nope",
-    "NopeOptions", "Rope", "RopeOptions", "Shaw", "ShawOptions", "Sinusoidal", "SinusoidalOptions", "T5Bias",
-    "T5BiasOptions",
+    "Alibi", "AlibiOptions", "alibi_slopes", "Fire", "FireOptions", "Learned", "LearnedOptions", "MethodOptions",
+    "ModelShape", "PositionMethod", "PositionTerm", "Nope", "NopeOptions", "Rope", "RopeOptions", "Shaw",
+    "ShawOptions", "Sinusoidal", "SinusoidalOptions", "T5Bias", "T5BiasOptions", "TransformerXL",
+    "TransformerXLOptions", "Xpos", "XposOptions",
 ]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import MethodOptions, ModelShape, PositionMethod, check_range, help_field
+from .base import MethodOptions, ModelShape, PositionMethod, PositionTerm, check_range, help_field
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -39,7 +39,7 @@ class AlibiOptions(MethodOptions):
 class Alibi(PositionMethod):
     name = "alibi"
     Options = AlibiOptions
-    has_score_bias = True
+    term = PositionTerm(bias="distance", bias_form="linear")
 
     def slopes(self, device=None) -> torch.Tensor:
         """(H,) fp32, derived from the head count (not a buffer, so .to(bfloat16) cannot round them)."""

@@ -36,6 +36,7 @@ class ModelShape:
     replaced_position_rms: float | None = None  # RMS of the learned position table being removed, if any
     token_embedding_rms: float | None = None
     weights_known: bool = True  # False on the meta device: the *_rms statistics above are then None
+    max_positions: int | None = None  # the position limit after conversion (config.max_position_embeddings)
 
 
 @dataclass
@@ -105,6 +106,48 @@ def key_positions(queries: torch.Tensor | None, past: torch.Tensor | None, q_len
     return queries, keys
 
 
+@dataclass(frozen=True)
+class PositionTerm:
+    """What a method adds to attention: its declaration, read by convert and by the kernel registry
+    (:data:`hf_posenc.backends.dispatch.KERNELS`); nothing probes a method for attributes.
+
+    - ``rotation``: ``rotate(q, k, q_pos, k_pos)`` changes q / k (RoPE, xPos).
+    - ``embedding``: ``embed(position_ids)`` is added at the embedding layer (sinusoidal, learned).
+    - ``bias``: ``score_bias(q_pos, k_pos) -> (P, H, Lq, Lk)`` is added to the scores; what it depends on:
+      ``"distance"`` (only k_pos - q_pos: ALiBi, T5; kernels may slice one template) or ``"positions"`` (the
+      query and key positions themselves: FIRE normalises by the query position).
+    - ``bias_form``: a distance bias of a special shape that dedicated kernels exploit: ``"linear"`` (-s_h |d|;
+      the method provides ``slopes(device) -> (H,)``) or ``"banded"`` (constant beyond a reach R; the method
+      provides ``bias_reach() -> R`` and ``distance_table(reach, dtype) -> (H, 2R+1)``).
+    - ``content``: ``key_term(q, k, layer, q_pos, k_pos)`` / ``value_term(probs, layer, q_pos, k_pos)`` depend on
+      q / k / the probabilities (Shaw, Transformer-XL): only the eager kernel runs them.
+    """
+
+    rotation: bool = False
+    embedding: bool = False
+    bias: str | None = None
+    bias_form: str | None = None
+    content: bool = False
+
+    BIASES: ClassVar[tuple[str, ...]] = ("distance", "positions")
+    FORMS: ClassVar[tuple[str, ...]] = ("linear", "banded")
+
+    def __post_init__(self):
+        if self.bias not in (None, *self.BIASES):
+            raise ValueError(f"PositionTerm.bias must be one of {[None, *self.BIASES]}, got {self.bias!r}")
+        if self.bias_form not in (None, *self.FORMS) or (self.bias_form and self.bias != "distance"):
+            raise ValueError(f"PositionTerm.bias_form {self.bias_form!r} needs bias='distance' and one of {self.FORMS}")
+
+    @property
+    def kind(self) -> str:
+        """One word for tables and plots: none / rotation / embedding / bias / content."""
+        if self.content:
+            return "content"
+        if self.bias:
+            return "bias"
+        return "rotation" if self.rotation else "embedding" if self.embedding else "none"
+
+
 def help_field(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
@@ -122,22 +165,37 @@ def check_range(name: str, value: Any, low: float, high: float | None = None, in
 
 
 class PositionMethod(nn.Module):
-    """One position method. Subclasses set the capability flags and implement the matching hooks.
+    """One position method. Subclasses declare ``term`` (a :class:`PositionTerm`) and implement its hooks.
 
     - ``rotate(q, k, q_pos, k_pos)``: RoPE-like methods change q (B,H,Lq,D) and k (B,Hkv,Lk,D).
-    - ``score_bias(q_pos, k_pos) -> (P, H, Lq, Lk)``: a position-only additive bias (ALiBi, T5).
-    - ``key_term(q, layer_idx, q_pos, k_pos) -> (B,H,Lq,Lk)`` and ``value_term(probs, layer_idx, q_pos, k_pos)
-      -> (B,H,Lq,D)``: content-dependent relative terms (Shaw); they need the probabilities, so eager attention.
+    - ``score_bias(q_pos, k_pos) -> (P, H, Lq, Lk)``: a position-only additive bias (ALiBi, T5, FIRE).
+    - ``key_term(q, k, layer_idx, q_pos, k_pos) -> (B,H,Lq,Lk)`` (k repeated to H heads) and
+      ``value_term(probs, layer_idx, q_pos, k_pos) -> (B,H,Lq,D)``: content-dependent relative terms (Shaw,
+      Transformer-XL), added to the raw scores q k^T before ``scaling``; they need the probabilities, so eager.
     - ``embed(position_ids) -> (B|1, L, E)``: absolute methods, added at the embedding layer.
     Position-only terms go through :meth:`shared`, so they are built once per forward and reused by every layer.
     """
 
     name: ClassVar[str]
     Options: ClassVar[type[MethodOptions]]
-    rotates: ClassVar[bool] = False
-    has_score_bias: ClassVar[bool] = False
-    has_relative_kv: ClassVar[bool] = False
-    embeds: ClassVar[bool] = False
+    term: ClassVar[PositionTerm] = PositionTerm()
+
+    # the declaration, read as flags (kept for callers of the flags; the declaration is ``term``)
+    @property
+    def rotates(self) -> bool:
+        return self.term.rotation
+
+    @property
+    def embeds(self) -> bool:
+        return self.term.embedding
+
+    @property
+    def has_score_bias(self) -> bool:
+        return self.term.bias is not None
+
+    @property
+    def has_relative_kv(self) -> bool:
+        return self.term.content
 
     def __init__(self, options: MethodOptions, shape: ModelShape):
         super().__init__()
@@ -218,6 +276,11 @@ class PositionMethod(nn.Module):
 
     def embed(self, position_ids):
         raise NotImplementedError
+
+    def inherit_positions(self, table: torch.Tensor | None) -> None:
+        """Called once by convert, before the model changes, with the learned absolute position table being
+        removed ((old_limit, E); None where the family has none). Most methods start from scratch and ignore it;
+        ``learned`` extends it."""
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.options.to_dict().items())

@@ -20,7 +20,7 @@ import torch
 from transformers import PretrainedConfig
 
 from .._seams import ROPE_INIT_FUNCTIONS
-from .base import MethodOptions, ModelShape, PositionMethod, check_range, help_field
+from .base import MethodOptions, ModelShape, PositionMethod, PositionTerm, check_range, help_field
 
 SCALINGS = ("linear", "dynamic", "yarn", "dynamic_yarn")
 NATIVE_SCALINGS = (None, "linear", "dynamic", "yarn")  # what transformers' own rotary classes compute
@@ -77,7 +77,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Rope(PositionMethod):
     name = "rope"
     Options = RopeOptions
-    rotates = True
+    term = PositionTerm(rotation=True)
 
     def __init__(self, options: RopeOptions, shape: ModelShape):
         super().__init__(options, shape)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import MethodOptions, ModelShape, PositionMethod, check_range, help_field
+from .base import MethodOptions, ModelShape, PositionMethod, PositionTerm, check_range, help_field
 
 
 @dataclass
@@ -33,7 +33,7 @@ class ShawTables(nn.Module):
 class Shaw(PositionMethod):
     name = "shaw"
     Options = ShawOptions
-    has_relative_kv = True
+    term = PositionTerm(content=True)
 
     def __init__(self, options: ShawOptions, shape: ModelShape):
         super().__init__(options, shape)
@@ -49,7 +49,7 @@ class Shaw(PositionMethod):
 
         return self.shared(("shaw_index", tuple(q_pos.shape), tuple(k_pos.shape), k_pos.device), build)
 
-    def key_term(self, q, layer_idx, q_pos, k_pos):
+    def key_term(self, q, k, layer_idx, q_pos, k_pos):
         # q (B,H,Lq,D) @ a^K (D, 2R+1) -> (B,H,Lq,2R+1), then pick each pair's distance -> (B,H,Lq,Lk)
         per_distance = q @ self.layers[layer_idx].keys.to(q.dtype).T
         index = self.distance_index(q_pos, k_pos).expand(q.shape[0], q.shape[1], -1, -1)  # (B, H, Lq, Lk)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import MethodOptions, ModelShape, PositionMethod, check_range, help_field
+from .base import MethodOptions, ModelShape, PositionMethod, PositionTerm, check_range, help_field
 
 
 @dataclass
@@ -43,7 +43,7 @@ class SinusoidalOptions(MethodOptions):
 class Sinusoidal(PositionMethod):
     name = "sinusoidal"
     Options = SinusoidalOptions
-    embeds = True
+    term = PositionTerm(embedding=True)
 
     def embed(self, position_ids: torch.Tensor) -> torch.Tensor:
         dim = self.shape.hidden_size

@@ -13,7 +13,7 @@ from torch import nn
 
 from .._seams import t5_relative_position_bucket
 from .alibi import alibi_slopes
-from .base import MethodOptions, ModelShape, PositionMethod, check_range, help_field
+from .base import MethodOptions, ModelShape, PositionMethod, PositionTerm, check_range, help_field
 
 
 @dataclass
@@ -36,7 +36,7 @@ class T5BiasOptions(MethodOptions):
 class T5Bias(PositionMethod):
     name = "t5"
     Options = T5BiasOptions
-    has_score_bias = True
+    term = PositionTerm(bias="distance", bias_form="banded")
 
     def __init__(self, options: T5BiasOptions, shape: ModelShape):
         super().__init__(options, shape)
@@ -64,6 +64,15 @@ class T5Bias(PositionMethod):
         smallest = torch.full((opts.num_buckets,), float(span), dtype=torch.float32)
         smallest = smallest.scatter_reduce(0, buckets, distance.abs().float(), reduce="amin")
         return -smallest[:, None] * alibi_slopes(self.shape.num_heads)[None, :]  # (buckets, H)
+
+    def bias_reach(self) -> int:
+        """R: every distance beyond R shares the last bucket, so the bias is constant there (banded kernels)."""
+        return self.options.max_distance
+
+    def distance_table(self, reach: int, dtype) -> torch.Tensor:
+        """(H, 2R+1): the bias for k - q in [-R, R] (flex's score_mod reads it)."""
+        distances = torch.arange(-reach, reach + 1, device=self.relative_attention_bias.weight.device)
+        return self.relative_attention_bias(self.bucket(distances)).to(dtype).T.contiguous()
 
     def score_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         # k - q takes few distinct values (at most Lk + Lq - 1 for consecutive positions): look each distance up
