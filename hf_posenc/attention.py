@@ -21,6 +21,7 @@ from ._seams import (
     sdpa_attention_forward,
     sdpa_mask,
 )
+from . import attention_kwargs
 from .backends import dispatch
 from .backends import flex as flex_kernels
 from .backends import sdpa as sdpa_kernels
@@ -86,8 +87,9 @@ def mask_key(attention_mask) -> tuple | None:
     return None if attention_mask is None else (tuple(attention_mask.shape), attention_mask.dtype)
 
 
-def biased_mask(method, attention_mask, q_pos, k_pos, causal: bool, dtype) -> torch.Tensor:
-    """(B|P, H, Lq, Lk) = position bias + mask, built once per forward and shared by every layer."""
+def biased_mask(method, attention_mask, q_pos, k_pos, causal: bool, dtype, window: int | None = None) -> torch.Tensor:
+    """(B|P, H, Lq, Lk) = position bias + mask, built once per forward and shared by every layer with the same
+    ``window`` (the call's sliding_window: Gemma2's sliding and full layers get masks of one shape)."""
 
     def build():  # in place where autograd allows: one (B|P, H, Lq, Lk) tensor at the peak, not three
         bias = method.score_bias(q_pos, k_pos).to(dtype).contiguous()  # (P, H, Lq, Lk); SDPA reads a
@@ -105,7 +107,7 @@ def biased_mask(method, attention_mask, q_pos, k_pos, causal: bool, dtype) -> to
             return torch.where(attention_mask, bias, min_value)
         return bias.masked_fill(hidden, min_value) if bias.requires_grad else bias.masked_fill_(hidden, min_value)
 
-    key = ("biased_mask", mask_key(attention_mask), tuple(q_pos.shape), tuple(k_pos.shape), causal, dtype)
+    key = ("biased_mask", mask_key(attention_mask), window, tuple(q_pos.shape), tuple(k_pos.shape), causal, dtype)
     return method.shared(key, build)
 
 
@@ -130,12 +132,13 @@ def posenc_attention_forward(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    call = attention_kwargs.read(kwargs)  # softcap, sliding_window, is_causal; refuses keywords it does not know
     method = method_of(module)
-    if method is None:  # cross-attention, or a module conversion does not touch
+    if method is None:  # cross-attention, or a module conversion does not touch (SDPA refuses softcap itself)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    causal = bool(getattr(module, "is_causal", True))
+    causal = bool(getattr(module, "is_causal", True)) if call.is_causal is None else bool(call.is_causal)
     query, key, value = autocast_inputs(query, key, value)
     q_len, k_len = query.shape[2], key.shape[2]
     q_pos, k_pos = method.positions(q_len, k_len, query.device)  # (P, Lq), (P, Lk)
@@ -146,6 +149,8 @@ def posenc_attention_forward(
         getattr(method, "backend", "auto"), method, query, key, value, attention_mask, causal, dropout,
         attention_weights_requested(), method.plain_positions(q_len, k_len, query.device),
     )
+    kernel = attention_kwargs.kernel_for(kernel, call, dropout)  # one that honours softcap / dropout
+    attention_kwargs.check_window(call, attention_mask, q_len, k_len)
     gqa = key.shape[1] != query.shape[1]
     if kernel == "sdpa-windowed":
         slopes = flex_kernels.alibi_slopes_of(method, query.device)  # (H,)
@@ -166,14 +171,15 @@ def posenc_attention_forward(
             return out, None  # else a custom mask flex does not express: SDPA below
 
     if method.has_score_bias:
-        mask = biased_mask(method, attention_mask, q_pos, k_pos, causal, query.dtype)
+        mask = biased_mask(method, attention_mask, q_pos, k_pos, causal, query.dtype, window=call.sliding_window)
     else:
         mask = attention_mask
 
     if kernel == "eager":
         if mask is None or mask.dtype == torch.bool:
             mask = keep_mask(mask, q_len, k_len, causal, query.dtype, query.device)
-        return eager_attention(module, method, query, key, value, mask, dropout, scaling, q_pos, k_pos)
+        return eager_attention(module, method, query, key, value, mask, dropout, scaling, q_pos, k_pos,
+                               softcap=call.softcap)
 
     kwargs.pop("is_causal", None)
     is_causal = causal and mask is None
