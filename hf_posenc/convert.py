@@ -43,9 +43,13 @@ def model_shape(spec: ArchSpec, model: PreTrainedModel) -> ModelShape:
         native_rotary=spec.rotary is not None,
         native_rope_theta=rope_parameters.get("rope_theta") if spec.rotary else None,
         replaced_position_rms=_rms(table.weight) if isinstance(table, nn.Embedding) else None,
-        token_embedding_rms=_rms(embeddings),
+        token_embedding_rms=_scaled(_rms(embeddings), spec.token_embedding_scale(config)),
         weights_known=not embeddings.is_meta,
     )
+
+
+def _scaled(value: float | None, scale: float) -> float | None:
+    return None if value is None else value * scale
 
 
 def _rms(weight: torch.Tensor) -> float | None:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -279,3 +280,38 @@ def test_packs_by_position_ids_is_what_the_family_does(family):
     packed = model(torch.cat([a, b], dim=1), position_ids=position_ids, use_cache=False).logits
     separate = (packed[:, 9:] - model(b).logits).abs().max() < TOL
     assert bool(separate) == spec_of(family).packs_by_position_ids
+
+
+@pytest.mark.parametrize("family", ["opt", "roberta"])
+def test_finetune_takes_objective_and_lora_targets_from_the_spec(family, tmp_path, tiny_tokenizer_dir, text_path):
+    """RoBERTa trains masked-LM (an encoder), OPT causal; LoRA on PEFT's targets; the result reloads."""
+    from test_finetune import run, save_tiny
+
+    from hf_posenc.training import load_finetuned, read_metrics
+
+    model_dir = save_tiny(tmp_path, tiny_tokenizer_dir, family)
+    result = run(model_dir, tmp_path / "out", text_path, max_steps=4, eval_every=0, log_every=2,
+                 eval_multipliers=[1, 2], lora={"r": 2})
+    assert result.step == 4 and all(math.isfinite(loss) for loss in result.losses)
+    start = next(r for r in read_metrics(tmp_path / "out") if r.get("event") == "start")
+    assert start["objective"] == ("mlm" if is_encoder(family) else "causal")
+    reloaded = load_finetuned(tmp_path / "out")
+    assert reloaded.config.posenc["method"] == "alibi"
+
+
+@pytest.mark.parametrize("family", ["gemma2", "llama"])
+def test_sinusoidal_matches_the_hidden_states_it_is_added_to(family):
+    """Gemma2 multiplies its token embeddings by sqrt(hidden_size) before layer 0: the default sinusoidal scale
+    matches what layer 0 receives (ArchSpec.token_embedding_scale)."""
+    model = tiny_model(family)
+    x = ids(1, 16)
+    seen = {}
+    layers = model.base_model.get_submodule(spec_of(family).decoder_layers)
+    handle = layers[0].register_forward_pre_hook(lambda m, a, kw: seen.update(h=kw.get("hidden_states", a and a[0])),
+                                                 with_kwargs=True)
+    model(x)
+    handle.remove()
+    hidden_rms = float(seen["h"].pow(2).mean().sqrt())
+    hf_posenc.convert(model, "sinusoidal")
+    scale = model.config.posenc["options"]["scale"]
+    assert 0.3 < scale / hidden_rms < 3.0

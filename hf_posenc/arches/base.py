@@ -56,6 +56,9 @@ class ArchSpec:
     # the family's mask builder gets position_ids, so rows whose positions restart at 0 are packed sequences that
     # do not see each other (transformers' find_packed_sequence_indices); OPT's does not get them
     packs_by_position_ids: bool = True
+    # what the model multiplies its token embeddings by before layer 0 (Gemma2: sqrt(hidden_size)); absolute
+    # methods match the scale of the hidden states they are added to
+    token_embedding_scale: Callable[[object], float] = lambda config: 1.0
     is_cross_attention: Callable[[nn.Module], bool] = never_cross_attention
     extend_limit: Callable[[nn.Module, int], None] | None = None  # family-specific length buffers
     lora_targets: tuple[str, ...] | None = None  # None: PEFT's own mapping for the model_type

@@ -11,5 +11,6 @@ GEMMA2 = ArchSpec(
     attention_kwargs=frozenset({"sliding_window", "softcap"}),
     rotary="rotary_emb",
     decoder_layers="layers",
+    token_embedding_scale=lambda config: config.hidden_size**0.5,  # Gemma2ScaledWordEmbedding
     head_classes=("Gemma2ForCausalLM", "Gemma2Model", "Gemma2ForSequenceClassification"),
 )
