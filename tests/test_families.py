@@ -315,3 +315,24 @@ def test_sinusoidal_matches_the_hidden_states_it_is_added_to(family):
     hf_posenc.convert(model, "sinusoidal")
     scale = model.config.posenc["options"]["scale"]
     assert 0.3 < scale / hidden_rms < 3.0
+
+
+def test_dropout_is_honoured_by_the_kernel_auto_picks():
+    """T5 past 512 queries without autograd takes the banded kernel, which has no dropout: a training-mode call
+    (attention dropout 1: every probability dropped) goes to a kernel that applies it."""
+    model = hf_posenc.convert(tiny_model("gpt2", attn_pdrop=1.0, resid_pdrop=0.0, embd_pdrop=0.0), "t5")
+    x = ids(1, 520)
+    with torch.no_grad():
+        evaluated = model(x).logits
+        dropped = model.train()(x).logits
+    assert (dropped - evaluated).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if spec_of(f).rotary])
+def test_native_rotary_is_applied_before_the_cache_update(family):
+    """IdentityRotary keeps cached keys unrotated only if the family rotates before ``cache.update``."""
+    attention = type(spec_of(family).attention_modules(tiny_model(family).base_model)[0])
+    source = inspect.getsource(attention.forward)
+    assert source.index("apply_rotary_pos_emb") < source.index(".update("), moved(
+        f"{attention.__name__}.forward", "assuming RoPE is applied to keys before they enter the cache"
+    )
