@@ -25,8 +25,8 @@ def no_offset(config) -> int:
     return 0
 
 
-def always_causal(config) -> bool:
-    return True
+def unscaled(config) -> float:
+    return 1.0
 
 
 def never_cross_attention(module: nn.Module) -> bool:
@@ -39,7 +39,7 @@ class ArchSpec:
     model_types: tuple[str, ...]
     attention_classes: tuple[str, ...]  # class names of the self-attention modules to wire
     # keyword arguments the family's attention modules pass the attention function (beyond transformers' own
-    # TransformersKwargs); each is honoured or bookkeeping in hf_posenc.attention_kwargs, checked by test_seams
+    # TransformersKwargs); each is honoured or bookkeeping in hf_posenc.attention_kwargs, checked by tests/test_families.py
     attention_kwargs: frozenset[str] = frozenset()
     encoder: bool = False  # a bidirectional (masked-LM) family; causal only as a decoder (config.is_decoder)
     # native positions: a learned absolute table (nn.Embedding) under the base model, or a rotary module
@@ -58,7 +58,7 @@ class ArchSpec:
     packs_by_position_ids: bool = True
     # what the model multiplies its token embeddings by before layer 0 (Gemma2: sqrt(hidden_size)); absolute
     # methods match the scale of the hidden states they are added to
-    token_embedding_scale: Callable[[object], float] = lambda config: 1.0
+    token_embedding_scale: Callable[[object], float] = unscaled
     is_cross_attention: Callable[[nn.Module], bool] = never_cross_attention
     extend_limit: Callable[[nn.Module, int], None] | None = None  # family-specific length buffers
     lora_targets: tuple[str, ...] | None = None  # None: PEFT's own mapping for the model_type
