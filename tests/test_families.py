@@ -72,6 +72,13 @@ def test_attention_kwargs_each_family_passes_are_declared(family, monkeypatch):
     )
 
 
+def test_transformers_kwargs_lists_the_model_level_arguments():
+    assert {"position_ids", "output_attentions", "is_causal", "num_items_in_batch"} <= MODEL_LEVEL, moved(
+        "utils.generic.TransformersKwargs", "as the keyword arguments every layer threads through (bookkeeping)"
+    )
+    assert "is_causal" in attention_kwargs.HONOURED and "is_causal" not in attention_kwargs.BOOKKEEPING
+
+
 def test_every_declared_kwarg_is_honoured_or_bookkeeping():
     known = set(attention_kwargs.HONOURED) | set(attention_kwargs.BOOKKEEPING)
     for spec in ARCHES:
