@@ -28,6 +28,8 @@ sdpa_attention_forward = _internal("transformers.integrations.sdpa_attention", "
 repeat_kv = _internal("transformers.integrations.sdpa_attention", "repeat_kv")
 ROPE_INIT_FUNCTIONS = _internal("transformers.modeling_rope_utils", "ROPE_INIT_FUNCTIONS")
 _T5Attention = _internal("transformers.models.t5.modeling_t5", "T5Attention")
+# the model-level keyword arguments every layer threads through to the attention function
+TransformersKwargs = _internal("transformers.utils.generic", "TransformersKwargs")
 _active_collector = _internal("transformers.utils.output_capturing", "_active_collector")
 # from_pretrained logs its missing / unexpected / mismatched keys as one warning, on this logger, with this marker
 LOAD_REPORT_LOGGER = "transformers.modeling_utils"

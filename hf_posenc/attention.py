@@ -21,6 +21,7 @@ from ._seams import (
     sdpa_attention_forward,
     sdpa_mask,
 )
+from . import attention_kwargs
 from .backends import dispatch
 from .backends.eager import eager_attention
 from .methods.base import PositionMethod
@@ -84,8 +85,9 @@ def mask_key(attention_mask) -> tuple | None:
     return None if attention_mask is None else (tuple(attention_mask.shape), attention_mask.dtype)
 
 
-def biased_mask(method, attention_mask, q_pos, k_pos, causal: bool, dtype) -> torch.Tensor:
-    """(B|P, H, Lq, Lk) = position bias + mask, built once per forward and shared by every layer."""
+def biased_mask(method, attention_mask, q_pos, k_pos, causal: bool, dtype, window: int | None = None) -> torch.Tensor:
+    """(B|P, H, Lq, Lk) = position bias + mask, built once per forward and shared by every layer with the same
+    ``window`` (the call's sliding_window: Gemma2's sliding and full layers get masks of one shape)."""
 
     def build():  # in place where autograd allows: one (B|P, H, Lq, Lk) tensor at the peak, not three
         bias = method.score_bias(q_pos, k_pos).to(dtype).contiguous()  # (P, H, Lq, Lk); SDPA reads a
@@ -103,7 +105,7 @@ def biased_mask(method, attention_mask, q_pos, k_pos, causal: bool, dtype) -> to
             return torch.where(attention_mask, bias, min_value)
         return bias.masked_fill(hidden, min_value) if bias.requires_grad else bias.masked_fill_(hidden, min_value)
 
-    key = ("biased_mask", mask_key(attention_mask), tuple(q_pos.shape), tuple(k_pos.shape), causal, dtype)
+    key = ("biased_mask", mask_key(attention_mask), window, tuple(q_pos.shape), tuple(k_pos.shape), causal, dtype)
     return method.shared(key, build)
 
 
@@ -128,12 +130,13 @@ def posenc_attention_forward(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    semantics = attention_kwargs.read(kwargs)  # softcap, sliding_window, is_causal; refuses keywords it does not know
     method = method_of(module)
-    if method is None:  # cross-attention, or a module conversion does not touch
+    if method is None:  # cross-attention, or a module conversion does not touch (SDPA refuses softcap itself)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    causal = bool(getattr(module, "is_causal", True))
+    causal = bool(getattr(module, "is_causal", True)) if semantics.is_causal is None else bool(semantics.is_causal)
     query, key, value = autocast_inputs(query, key, value)
     q_len, k_len = query.shape[2], key.shape[2]
     q_pos, k_pos = method.positions(q_len, k_len, query.device)  # (P, Lq), (P, Lk)
@@ -144,8 +147,10 @@ def posenc_attention_forward(
         getattr(method, "backend", "auto"), method, query, key, value, attention_mask, causal, dropout,
         attention_weights_requested(), method.plain_positions(q_len, k_len, query.device),
     )
+    kernel = attention_kwargs.kernel_for(kernel, semantics, dropout)  # one that honours softcap / dropout
+    attention_kwargs.check_window(semantics, attention_mask, q_len, k_len)
     call = dispatch.KernelCall(module, method, query, key, value, attention_mask, dropout, scaling, causal, q_pos,
-                               k_pos, kwargs)
+                               k_pos, kwargs, semantics)
     return dispatch.run_kernel(kernel, call)
 
 
@@ -153,7 +158,8 @@ def shared_mask(call: "dispatch.KernelCall") -> torch.Tensor | None:
     """transformers' mask with the method's bias folded in (built once per forward), or the mask as it is."""
     if not call.method.has_score_bias:
         return call.attention_mask
-    return biased_mask(call.method, call.attention_mask, call.q_pos, call.k_pos, call.causal, call.query.dtype)
+    return biased_mask(call.method, call.attention_mask, call.q_pos, call.k_pos, call.causal, call.query.dtype,
+                       window=call.semantics.sliding_window)
 
 
 def eager_kernel(call: "dispatch.KernelCall"):
@@ -163,7 +169,7 @@ def eager_kernel(call: "dispatch.KernelCall"):
     if mask is None or mask.dtype == torch.bool:
         mask = keep_mask(mask, q_len, k_len, call.causal, call.query.dtype, call.query.device)
     return eager_attention(call.module, call.method, call.query, call.key, call.value, mask, call.dropout,
-                           call.scaling, call.q_pos, call.k_pos)
+                           call.scaling, call.q_pos, call.k_pos, softcap=call.semantics.softcap)
 
 
 def sdpa_kernel(call: "dispatch.KernelCall"):

@@ -44,15 +44,22 @@ def model_shape(spec: ArchSpec, model: PreTrainedModel) -> ModelShape:
         native_rotary=spec.rotary is not None,
         native_rope_theta=rope_parameters.get("rope_theta") if spec.rotary else None,
         replaced_position_rms=_rms(table.weight) if isinstance(table, nn.Embedding) else None,
-        token_embedding_rms=_rms(embeddings),
+        token_embedding_rms=_scaled(_rms(embeddings), spec.token_embedding_scale(config)),
         weights_known=not embeddings.is_meta,
     )
 
 
 def _position_table(spec: ArchSpec, model) -> torch.Tensor | None:
-    """(old_limit, E): the learned absolute table conversion removes, or None where the family has none."""
+    """(old_limit, E): the learned absolute table conversion removes, from the row of position 0 on (OPT and RoBERTa
+    keep rows before it), or None where the family has none."""
     table = model.base_model.get_submodule(spec.position_table) if spec.position_table else None
-    return table.weight.detach() if isinstance(table, nn.Embedding) else None
+    if not isinstance(table, nn.Embedding):
+        return None
+    return table.weight.detach()[spec.first_table_row(model.config):]
+
+
+def _scaled(value: float | None, scale: float) -> float | None:
+    return None if value is None else value * scale
 
 
 def _rms(weight: torch.Tensor) -> float | None:
@@ -146,8 +153,11 @@ def convert(model: PreTrainedModel, method: str | PosEncConfig, /, max_position_
     hub_code.mark_converted(model.config)  # same config class for everything else; saves a checkpoint that
     # plain transformers loads only correctly (trust_remote_code) or not at all (see hub_code)
     # position-only terms are memoised for one forward and shared by all layers
-    base.register_forward_pre_hook(_begin_forward, with_kwargs=True)
-    base.register_forward_hook(_end_forward, with_kwargs=True)
+    root = base.get_submodule(spec.forward_root) if spec.forward_root else base  # runs in every forward
+    if root is not base:
+        root.__dict__[BASE_REF] = base  # plain (unregistered): the hooks find the method through it
+    root.register_forward_pre_hook(_begin_forward, with_kwargs=True)
+    root.register_forward_hook(_end_forward, with_kwargs=True)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
 
@@ -176,9 +186,17 @@ def _own_config(model: PreTrainedModel) -> None:
                 setattr(module, name, memo[id(value)])
 
 
-def _begin_forward(base, args, kwargs) -> None:
-    """Forward pre-hook of the base model. The method is looked up now, as the attention modules do; it learns the
-    positions of the keys already in the cache this forward extends."""
+BASE_REF = "_posenc_base"  # in the __dict__ of a forward root below the base model (OPT's decoder)
+
+
+def _base_of(root: nn.Module) -> nn.Module:
+    return root.__dict__.get(BASE_REF, root)
+
+
+def _begin_forward(root, args, kwargs) -> None:
+    """Forward pre-hook of the base model (or of the family's ``forward_root`` in it). The method is looked up now,
+    as the attention modules do; it learns the positions of the keys already in the cache this forward extends."""
+    base = _base_of(root)
     checkpointing = base.training and torch.is_grad_enabled() and any(
         getattr(m, "gradient_checkpointing", False) for m in base.modules()
     )
@@ -208,9 +226,10 @@ def _keep_the_method(base) -> None:
     base.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 
-def _end_forward(base, args, kwargs, output) -> None:
-    """Forward hook of the base model: drop this forward's shared terms; the returned cache keeps its keys'
-    positions."""
+def _end_forward(root, args, kwargs, output) -> None:
+    """Forward hook of the base model (or its forward root): drop this forward's shared terms; the returned cache
+    keeps its keys' positions."""
+    base = _base_of(root)
     method = getattr(base, METHOD_MODULE)
     positions.remember_positions(positions.cache_output(output), method.written_positions())
     method.clear_memo()
@@ -232,7 +251,9 @@ def _native_rotary(spec: ArchSpec, model, method: PositionMethod, shape: ModelSh
 def _disable_native_positions(spec: ArchSpec, model, method: PositionMethod, rotary, dtype) -> None:
     base = model.base_model
     if spec.position_table:
-        table = MethodPositions(method, dtype) if method.embeds else ZeroPositions(method, model.config.hidden_size, dtype)
+        call, offset = spec.table_call, spec.table_offset(model.config)  # how the family calls its table
+        table = (MethodPositions(method, dtype, call, offset) if method.embeds
+                 else ZeroPositions(method, model.config.hidden_size, dtype, call, offset))
         set_submodule(base, spec.position_table, table.to(next(model.parameters()).device))
     if rotary is not None:
         set_submodule(base, spec.rotary, rotary)

@@ -46,5 +46,5 @@ def arch_for(config) -> ArchSpec:
     except KeyError:
         raise ValueError(
             f"unsupported architecture {model_type!r}; hf_posenc supports model_type in "
-            f"{supported_archs()} (GPT-2, BERT, Llama-style)"
+            f"{supported_archs()}; docs/methods.md ('Adding a family') says how to add one"
         ) from None

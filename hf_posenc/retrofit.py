@@ -450,8 +450,7 @@ def load_original(plan: Plan, convert: tuple[str, dict] | None = None):
 
     model = transformers.AutoModelForCausalLM.from_pretrained(plan.model_location, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(plan.train.tokenizer or plan.model_location)
-    learned = arch_for(model.config).position_table is not None  # a table that raises past its end
-    limit = model.config.max_position_embeddings if learned else None
+    limit = arch_for(model.config).table_limit(model.config)  # a learned table raises past its end
     if convert is not None:
         hf_posenc.convert(model, convert[0], **convert[1])
         limit = None

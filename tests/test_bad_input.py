@@ -86,14 +86,16 @@ def test_bad_position_limit_is_refused():
 
 
 def test_unsupported_architecture_names_the_supported_ones():
-    config = transformers.OPTConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, ffn_dim=32,
-                                    vocab_size=50, max_position_embeddings=32, word_embed_proj_dim=16)
-    model = transformers.OPTForCausalLM(config)
+    config = transformers.GPTNeoXConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                                        intermediate_size=32, vocab_size=50, max_position_embeddings=32)
+    model = transformers.GPTNeoXForCausalLM(config)
     before = snapshot(model)
     with pytest.raises(ValueError) as err:
         hf_posenc.convert(model, "alibi")
-    assert "unsupported architecture 'opt'" in str(err.value)
-    assert "['gpt2', 'bert', 'llama', 'mistral', 'qwen2']" in str(err.value)
+    assert "unsupported architecture 'gpt_neox'" in str(err.value)
+    assert str(hf_posenc.supported_archs()) in str(err.value)
+    assert {"gpt2", "bert", "llama", "opt", "roberta", "qwen3", "gemma2"} <= set(hf_posenc.supported_archs())
+    assert "Adding a family" in str(err.value)
     assert_unchanged(model, before)
 
 

@@ -139,7 +139,7 @@ def test_bad_model_combinations_fail_before_training(models, tmp_path, text_path
     bert = save_tiny(tmp_path, tiny_tokenizer_dir, "bert")
     with pytest.raises(ConfigError, match="PoSE position skipping is for causal.*'mlm'"):
         run(bert, out, text_path, method="alibi", pose={"target_length": 512})
-    with pytest.raises(ConfigError, match="learned position table has 64 rows, but seq_len is 128"):
+    with pytest.raises(ConfigError, match="learned position table covers 64 positions, but seq_len is 128"):
         run(models["gpt2"], out, text_path, method="alibi", distill={}, seq_len=128)
     headless = save_tiny(tmp_path, tiny_tokenizer_dir, "bert", head="BertModel")
     with pytest.raises(ConfigError, match="distill: .* lacks .* weights of its LM head"):

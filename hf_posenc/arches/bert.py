@@ -20,8 +20,9 @@ BERT = ArchSpec(
     family="bert",
     model_types=("bert",),
     attention_classes=("BertSelfAttention",),
+    attention_kwargs=frozenset({"encoder_hidden_states"}),
+    encoder=True,
     position_table="embeddings.position_embeddings",
-    is_causal=lambda config: bool(getattr(config, "is_decoder", False)),
     extend_limit=extend_bert_buffers,
-    example_classes=("BertForMaskedLM", "BertModel", "BertForSequenceClassification"),
+    head_classes=("BertForMaskedLM", "BertModel", "BertForSequenceClassification"),
 )

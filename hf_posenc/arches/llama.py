@@ -6,7 +6,8 @@ LLAMA = ArchSpec(
     family="llama",
     model_types=("llama", "mistral", "qwen2"),
     attention_classes=("LlamaAttention", "MistralAttention", "Qwen2Attention"),
+    attention_kwargs=frozenset({"use_cache", "sliding_window"}),  # sliding_window: Mistral, Qwen2
     rotary="rotary_emb",
     decoder_layers="layers",
-    example_classes=("LlamaForCausalLM",),
+    head_classes=("LlamaForCausalLM", "LlamaModel", "LlamaForSequenceClassification"),
 )

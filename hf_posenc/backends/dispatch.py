@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..attention_kwargs import CallSemantics
 from ..methods.base import PositionTerm
 from . import flex, sdpa
 
@@ -58,6 +59,7 @@ class KernelCall:
     q_pos: torch.Tensor
     k_pos: torch.Tensor
     kwargs: dict = field(default_factory=dict)
+    semantics: CallSemantics = field(default_factory=CallSemantics)  # softcap, sliding window, is_causal
 
 
 @dataclass(frozen=True)

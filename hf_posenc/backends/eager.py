@@ -9,14 +9,18 @@ from torch import nn
 from .._seams import repeat_kv
 
 
-def eager_attention(module, method, query, key, value, mask, dropout, scaling, q_pos, k_pos):
-    """Explicit softmax attention that also applies Shaw's key/value terms. Returns (out (B,Lq,H,D), probs)."""
+def eager_attention(module, method, query, key, value, mask, dropout, scaling, q_pos, k_pos, softcap=None):
+    """Explicit softmax attention that also applies Shaw's key/value terms. Returns (out (B,Lq,H,D), probs).
+    ``softcap`` (Gemma2's logit soft-capping): the content scores are capped, softcap * tanh(s / softcap), before
+    ``mask`` (position bias + padding/causal) is added, so the method's bias keeps its full range."""
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, H, Lk, D)
     scores = query @ key.transpose(2, 3)  # (B, H, Lq, Lk)
     if method.has_relative_kv:
         scores = scores + method.key_term(query, key, module.layer_idx, q_pos, k_pos)
     scores = scores * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)

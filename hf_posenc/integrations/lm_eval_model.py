@@ -150,16 +150,15 @@ def _resolve(pretrained: str) -> str:
 
 
 def learned_position_limit(model: nn.Module) -> int | None:
-    """Size of the model's learned absolute position table if it still has one (unconverted GPT-2 / BERT)."""
+    """Tokens the model's learned absolute position table covers if it still has one (unconverted GPT-2, BERT,
+    OPT, RoBERTa: ``ArchSpec.table_limit``)."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hf_posenc.is_converted(model):
         return None
     try:
-        table_path = arch_for(model.config).position_table
+        return arch_for(model.config).table_limit(model.config)
     except ValueError:
         return None
-    table = model.base_model.get_submodule(table_path) if table_path else None
-    return table.num_embeddings if isinstance(table, nn.Embedding) else None
 
 
 # --- Python API --------------------------------------------------------------------------------------------

@@ -19,11 +19,11 @@ from torch import nn
 
 import hf_posenc
 
+from ..arches import ArchSpec
 from ..convert import METHOD_MODULE
 from ..registry import arch_for
 from .config import NATIVE, ConfigError, LoraArgs, TrainConfig
 
-LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "bert": ["query", "value"]}
 ADAPTER_DIR = "adapter"
 
 
@@ -31,7 +31,7 @@ ADAPTER_DIR = "adapter"
 class LoadedModel:
     model: nn.Module  # a PreTrainedModel, or a PeftModel around one
     objective: str  # "causal" or "mlm"
-    family: str  # "gpt2", "bert", "llama"
+    family: str  # ArchSpec.family: "gpt2", "bert", "llama", "opt", ...
     fresh: list[str] = field(default_factory=list)  # parameters the checkpoint did not have (newly initialised)
     converted_here: bool = True  # False: the checkpoint was already converted
     teacher: nn.Module | None = None  # distill with full fine-tuning: a frozen copy of the unconverted model
@@ -57,8 +57,8 @@ def load_tokenizer(config: TrainConfig):
     return tokenizer
 
 
-def resolve_objective(objective: str, family: str) -> str:
-    return ("mlm" if family == "bert" else "causal") if objective == "auto" else objective
+def resolve_objective(objective: str, spec: ArchSpec) -> str:
+    return ("mlm" if spec.encoder else "causal") if objective == "auto" else objective
 
 
 @dataclass
@@ -67,7 +67,7 @@ class ModelPlan:
 
     location: str  # local directory or hub name
     model_config: object  # transformers PretrainedConfig
-    family: str  # "gpt2", "bert", "llama"
+    family: str  # ArchSpec.family
     objective: str  # "causal" or "mlm"
     converted: bool  # the checkpoint already carries a position method (config.posenc)
     native: bool = False  # method "native": train as it is, no conversion
@@ -82,14 +82,15 @@ def inspect_model(config: TrainConfig) -> ModelPlan:
     except (OSError, ValueError) as err:
         raise ConfigError(f"model {config.model!r}: not a local checkpoint, named source or reachable hub model: {err}")
     try:
-        family = arch_for(model_config).family
+        spec = arch_for(model_config)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    objective = resolve_objective(config.objective, family)
-    if objective == "mlm" and family != "bert":
+    family = spec.family
+    objective = resolve_objective(config.objective, spec)
+    if objective == "mlm" and not spec.encoder:
         raise ConfigError(f"objective 'mlm' needs a BERT-style model; {config.model!r} is {family!r}")
-    if objective == "causal" and family == "bert":
-        raise ConfigError("objective 'causal' on BERT is not supported; use 'mlm'")
+    if objective == "causal" and spec.encoder:
+        raise ConfigError(f"objective 'causal' on {family!r} (an encoder) is not supported; use 'mlm'")
     stored = getattr(model_config, "posenc", None)
     native = config.method == NATIVE
     if stored is not None and config.method not in (None, NATIVE, stored["method"]):
@@ -99,11 +100,12 @@ def inspect_model(config: TrainConfig) -> ModelPlan:
     if stored is None and config.method is None:
         raise ConfigError(f"method is required: {config.model!r} is not converted yet")
     if config.lora is not None:
-        check_lora_targets(lora_targets(config.lora, family), model_config, family)
+        check_lora_targets(lora_targets(config.lora, model_config), model_config, family)
     longest = config.seq_len * max(config.eval_multipliers)
-    if native and stored is None and arch_for(model_config).position_table and longest > model_config.max_position_embeddings:
+    table = spec.table_limit(model_config) if stored is None else None  # tokens a kept learned table covers
+    if native and table is not None and longest > table:
         raise ConfigError(
-            f"method 'native' keeps {config.model!r}'s learned position table ({model_config.max_position_embeddings} "
+            f"method 'native' keeps {config.model!r}'s learned position table ({table} "
             f"positions), but seq_len x eval_multipliers reaches {longest}; lower them or convert the model")
     if config.pose is not None and objective != "causal":
         raise ConfigError(f"pose: PoSE position skipping is for causal language models; {config.model!r} trains "
@@ -113,12 +115,11 @@ def inspect_model(config: TrainConfig) -> ModelPlan:
             f"distill: {config.model!r} is already converted to {stored['method']!r}; its checkpoint no longer holds "
             "the original position encoding, so there is no original model to distil from. Start from the "
             "unconverted checkpoint")
-    if config.distill is not None and arch_for(model_config).position_table \
-            and config.seq_len > model_config.max_position_embeddings:
+    if config.distill is not None and table is not None and config.seq_len > table:
         raise ConfigError(
-            f"distill: the teacher is the original {config.model!r}, whose learned position table has "
-            f"{model_config.max_position_embeddings} rows, but seq_len is {config.seq_len}; lower seq_len to "
-            f"<= {model_config.max_position_embeddings} (PoSE covers the longer distances)")
+            f"distill: the teacher is the original {config.model!r}, whose learned position table covers "
+            f"{table} positions, but seq_len is {config.seq_len}; lower seq_len to "
+            f"<= {table} (PoSE covers the longer distances)")
     return ModelPlan(str(location), model_config, family, objective, converted=stored is not None, native=native)
 
 
@@ -175,7 +176,9 @@ def _check_pose_limit(config: TrainConfig, model: nn.Module, plan: ModelPlan) ->
     if config.pose is None:
         return
     limit = model.config.max_position_embeddings
-    keeps_table = plan.native and not plan.converted and arch_for(model.config).position_table
+    table = arch_for(model.config).table_limit(model.config)
+    keeps_table = plan.native and not plan.converted and table is not None
+    limit = table if keeps_table else limit
     if config.pose.target_length > limit and (keeps_table or not plan.native):
         fix = "lower pose.target_length" if keeps_table else \
             f"set max_position_embeddings: {config.pose.target_length} (or more), or lower pose.target_length"
@@ -204,8 +207,19 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 # ---- LoRA -------------------------------------------------------------------------------------------------
 
 
-def lora_targets(lora: LoraArgs, family: str) -> list[str]:
-    return list(lora.target_modules or LORA_TARGETS[family])
+def lora_targets(lora: LoraArgs, model_config) -> list[str]:
+    """``lora.target_modules``, else the family's ArchSpec targets, else PEFT's own mapping for the model type."""
+    if lora.target_modules:
+        return list(lora.target_modules)
+    spec = arch_for(model_config)
+    if spec.lora_targets is not None:
+        return list(spec.lora_targets)
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    targets = PEFT_TARGETS.get(model_config.model_type)  # PEFT's table is keyed by model type
+    if targets:
+        return list(targets)
+    raise ConfigError(f"PEFT names no default LoRA targets for this {spec.family!r} model; set lora.target_modules")
 
 
 def check_lora_targets(targets: list[str], model_config, family: str) -> None:
@@ -232,12 +246,13 @@ def position_modules(model: nn.Module) -> list[str]:
 
 
 def apply_lora(model: nn.Module, lora: LoraArgs, family: str, fresh: list[str]) -> nn.Module:
+    """``family``: the plan's (ArchSpec.family); targets and layout come from the model's ArchSpec."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora_targets(lora, family),
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora_targets(lora, model.config),
         modules_to_save=position_modules(model) + list(lora.modules_to_save) or None,
-        fan_in_fan_out=family == "gpt2",  # GPT-2's Conv1D stores weights transposed
+        fan_in_fan_out=arch_for(model.config).lora_fan_in_fan_out,  # Conv1D (GPT-2) stores weights transposed
     )
     peft_model = get_peft_model(model, config)
     parameters = dict(peft_model.get_base_model().named_parameters())
