@@ -21,6 +21,7 @@ from ._seams import (
     sdpa_attention_forward,
     sdpa_mask,
 )
+from . import key_cache
 from .backends import dispatch
 from .backends import flex as flex_kernels
 from .backends import sdpa as sdpa_kernels
@@ -140,7 +141,10 @@ def posenc_attention_forward(
     q_len, k_len = query.shape[2], key.shape[2]
     q_pos, k_pos = method.positions(q_len, k_len, query.device)  # (P, Lq), (P, Lk)
     if method.rotate_in_attention:
-        query, key = method.rotate(query, key, q_pos, k_pos)
+        if key_cache.take_prerotated(method):  # the cache stored this layer's keys rotated (key_cache)
+            query = method.rotate_queries(query, q_pos, k_pos)
+        else:
+            query, key = method.rotate(query, key, q_pos, k_pos)
 
     kernel = dispatch.choose_kernel(
         getattr(method, "backend", "auto"), method, query, key, value, attention_mask, causal, dropout,

@@ -138,6 +138,7 @@ class PositionMethod(nn.Module):
     has_score_bias: ClassVar[bool] = False
     has_relative_kv: ClassVar[bool] = False
     embeds: ClassVar[bool] = False
+    caches_rotated_keys: ClassVar[bool] = False  # the KV cache may store keys rotated (hf_posenc.key_cache)
 
     def __init__(self, options: MethodOptions, shape: ModelShape):
         super().__init__()
