@@ -30,6 +30,7 @@ ROPE_INIT_FUNCTIONS = _internal("transformers.modeling_rope_utils", "ROPE_INIT_F
 _T5Attention = _internal("transformers.models.t5.modeling_t5", "T5Attention")
 _active_collector = _internal("transformers.utils.output_capturing", "_active_collector")
 EncoderDecoderCache = _internal("transformers.cache_utils", "EncoderDecoderCache")
+StaticLayer = _internal("transformers.cache_utils", "StaticLayer")
 # from_pretrained logs its missing / unexpected / mismatched keys as one warning, on this logger, with this marker
 LOAD_REPORT_LOGGER = "transformers.modeling_utils"
 LOAD_REPORT_MARKER = "LOAD REPORT"
@@ -63,3 +64,12 @@ def layer_keys(layer) -> "torch.Tensor | None":
 
 def set_layer_keys(layer, keys) -> None:
     layer.keys = keys
+
+
+def static_capacity(cache) -> int | None:
+    """The slot count of a cache whose every layer is a plain static layer (the i-th key written goes to slot i,
+    ``get_seq_length()`` is a tensor: the count written); None for any other cache (dynamic, sliding)."""
+    layers = list(cache.layers)
+    if not layers or not all(isinstance(layer, StaticLayer) and not layer.is_sliding for layer in layers):
+        return None
+    return layers[0].max_cache_len

@@ -20,7 +20,7 @@ import torch
 from transformers import PretrainedConfig
 
 from .._seams import ROPE_INIT_FUNCTIONS
-from .base import MethodOptions, ModelShape, PositionMethod, check_range, help_field, shared_rows
+from .base import MethodOptions, ModelShape, PositionMethod, check_range, help_field, shared_rows, SlotPositions
 
 SCALINGS = ("linear", "dynamic", "yarn", "dynamic_yarn")
 NATIVE_SCALINGS = (None, "linear", "dynamic", "yarn")  # what transformers' own rotary classes compute
@@ -184,8 +184,9 @@ class Rope(PositionMethod):
         after the cached keys."""
         if self._query_positions is not None and self._query_positions.shape[-1] == n_new:
             return shared_rows(self._query_positions.to(device).long())
-        start = 0 if self._past_positions is None else self._past_positions.shape[-1]
-        return torch.arange(start, start + n_new, device=device)[None]
+        past = self._past_positions
+        start = 0 if past is None else past.length if isinstance(past, SlotPositions) else past.shape[-1]
+        return (torch.arange(n_new, device=device) + start)[None]
 
     def _rotate_one(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x[..., : self.rot_dim], x[..., self.rot_dim :]
