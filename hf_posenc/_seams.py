@@ -31,6 +31,8 @@ _T5Attention = _internal("transformers.models.t5.modeling_t5", "T5Attention")
 # the model-level keyword arguments every layer threads through to the attention function
 TransformersKwargs = _internal("transformers.utils.generic", "TransformersKwargs")
 _active_collector = _internal("transformers.utils.output_capturing", "_active_collector")
+EncoderDecoderCache = _internal("transformers.cache_utils", "EncoderDecoderCache")
+StaticLayer = _internal("transformers.cache_utils", "StaticLayer")
 # from_pretrained logs its missing / unexpected / mismatched keys as one warning, on this logger, with this marker
 LOAD_REPORT_LOGGER = "transformers.modeling_utils"
 LOAD_REPORT_MARKER = "LOAD REPORT"
@@ -47,3 +49,29 @@ def attention_weights_requested() -> bool:
     """True inside a forward called with ``output_attentions=True`` (transformers' output collector)."""
     collected = _active_collector.get()
     return collected is not None and "attentions" in collected
+
+
+# KV caches (hf_posenc.key_cache): attention modules write their new keys with ``cache.update(keys, values,
+# layer_idx, ...)`` (looked up on the instance) just before the attention function; ``cache.layers`` holds one
+# layer cache per decoder layer, whose ``keys`` (B, Hkv, n, D) a dynamic layer replaces on each write.
+def cache_layers(cache) -> list:
+    return list(cache.layers)
+
+
+def layer_keys(layer) -> "torch.Tensor | None":
+    """The (B, Hkv, n, D) keys a layer cache holds; None when it holds none."""
+    keys = layer.keys if layer.is_initialized else None
+    return keys if keys is not None and keys.dim() == 4 and keys.shape[-2] > 0 else None
+
+
+def set_layer_keys(layer, keys) -> None:
+    layer.keys = keys
+
+
+def static_capacity(cache) -> int | None:
+    """The slot count of a cache whose every layer is a plain static layer (the i-th key written goes to slot i,
+    ``get_seq_length()`` is a tensor: the count written); None for any other cache (dynamic, sliding)."""
+    layers = list(cache.layers)
+    if not layers or not all(isinstance(layer, StaticLayer) and not layer.is_sliding for layer in layers):
+        return None
+    return layers[0].max_cache_len

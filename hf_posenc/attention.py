@@ -22,6 +22,7 @@ from ._seams import (
     sdpa_mask,
 )
 from . import attention_kwargs
+from . import key_cache
 from .backends import dispatch
 from .backends.eager import eager_attention
 from .methods.base import PositionMethod
@@ -141,7 +142,10 @@ def posenc_attention_forward(
     q_len, k_len = query.shape[2], key.shape[2]
     q_pos, k_pos = method.positions(q_len, k_len, query.device)  # (P, Lq), (P, Lk)
     if method.rotate_in_attention:
-        query, key = method.rotate(query, key, q_pos, k_pos)
+        if key_cache.take_prerotated(method):  # the cache stored this layer's keys rotated (key_cache)
+            query = method.rotate_queries(query, q_pos, k_pos)
+        else:
+            query, key = method.rotate(query, key, q_pos, k_pos)
 
     kernel = dispatch.choose_kernel(
         getattr(method, "backend", "auto"), method, query, key, value, attention_mask, causal, dropout,

@@ -17,7 +17,7 @@ import transformers
 from torch import nn
 from transformers import PreTrainedModel
 
-from . import _seams, hub_code, positions, restore
+from . import _seams, hub_code, key_cache, positions, restore
 from .arches.base import ArchSpec, IdentityRotary, MethodPositions, ZeroPositions, rms, set_submodule
 from .attention import ATTN_IMPLEMENTATION, MethodRef, attach_method, register
 from .backends import check_backend
@@ -200,8 +200,11 @@ def _begin_forward(root, args, kwargs) -> None:
     checkpointing = base.training and torch.is_grad_enabled() and any(
         getattr(m, "gradient_checkpointing", False) for m in base.modules()
     )
-    past = positions.cached_positions(positions.cache_argument(kwargs))
-    getattr(base, METHOD_MODULE).begin_forward(share=not checkpointing, past_positions=past)
+    cache = positions.cache_argument(kwargs)
+    method = getattr(base, METHOD_MODULE)
+    method.begin_forward(share=not checkpointing, past_positions=positions.cached_positions(cache))
+    if not restore.in_force(base):
+        key_cache.begin_forward(method, cache)
     if base.config._attn_implementation != ATTN_IMPLEMENTATION and not restore.in_force(base):
         _keep_the_method(base)
 
@@ -231,7 +234,10 @@ def _end_forward(root, args, kwargs, output) -> None:
     keeps its keys' positions."""
     base = _base_of(root)
     method = getattr(base, METHOD_MODULE)
-    positions.remember_positions(positions.cache_output(output), method.written_positions())
+    written, cache = method.written_positions(), positions.cache_output(output)
+    positions.remember_positions(cache, written)
+    if not restore.in_force(base):
+        key_cache.end_forward(method, positions.cache_argument(kwargs), cache, written)
     method.clear_memo()
 
 

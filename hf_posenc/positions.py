@@ -2,7 +2,7 @@
 
 A converted model's base-model hooks (see :func:`hf_posenc.convert.convert`) read the positions of the keys a cache
 already holds before each forward, and store the positions of every real key after it, as an attribute of the cache
-object (``_posenc_positions``, (P, n) long). A cache the model has not written (built elsewhere, or cropped) falls
+object (``_posenc_positions``, (P, n) long; a static cache's: (P, capacity), one per slot). A cache the model has not written (built elsewhere, or cropped) falls
 back to key indices for the keys it holds. Slots a static cache has not written yet have no position: the
 attention mask hides them.
 """
@@ -10,6 +10,9 @@ attention mask hides them.
 from __future__ import annotations
 
 import torch
+
+from . import _seams
+from .methods.base import SlotPositions
 
 ATTRIBUTE = "_posenc_positions"
 CACHE_NAMES = ("cache", "past_key_values")  # transformers renamed the argument and output field within 5.x
@@ -27,11 +30,22 @@ def cache_output(output):
     return next((getattr(output, name) for name in CACHE_NAMES if name in declared), None)
 
 
-def cached_positions(cache) -> torch.Tensor | None:
+def cached_positions(cache) -> torch.Tensor | SlotPositions | None:
     """(P, n) positions of the n keys ``cache`` holds; None without a cache. A cache cropped since (assisted
-    decoding) keeps the first n; one we did not write gets key indices."""
+    decoding) keeps the first n; one we did not write gets key indices. A static cache (fixed slots, written in
+    order) gets :class:`SlotPositions`: its (P, capacity) positions and the number written, as tensors, so that
+    a compiled decode step reads no value and sees the same shapes every step."""
     if cache is None or not hasattr(cache, "get_seq_length"):
         return None
+    capacity = _seams.static_capacity(cache)
+    if capacity is not None:
+        # a copy: the layers advance their own count in place during the forward
+        held = torch.as_tensor(cache.get_seq_length()).clone()
+        stored = getattr(cache, ATTRIBUTE, None)
+        if stored is None or stored.shape[-1] != capacity:  # key indices for the held slots, 0 past them
+            slots = torch.arange(capacity, device=held.device)
+            stored = torch.where(slots < held, slots, 0)[None]
+        return SlotPositions(stored, held)
     held = int(cache.get_seq_length())
     stored = getattr(cache, ATTRIBUTE, None)
     if stored is None or stored.shape[-1] < held:

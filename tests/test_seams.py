@@ -165,3 +165,21 @@ def test_load_report_is_one_warning_on_its_logger(tmp_path):
     assert len(reports) == 1 and "score.weight" in reports[0], moved(
         "from_pretrained's load report", "to hold it back while loading a converted checkpoint"
     )
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_attention_writes_new_keys_through_the_cache_instances_update(family):
+    """hf_posenc.key_cache shadows ``cache.update`` on the instance and reads / replaces ``cache.layers[i].keys``."""
+    model = tiny_model(family)
+    cache, written = transformers.DynamicCache(config=model.config), []
+    cache.update = lambda k, v, layer_idx, *a, **kw: (written.append(k.shape), type(cache).update(
+        cache, k, v, layer_idx, *a, **kw))[1]
+    model(torch.randint(4, 300, (1, 5)), use_cache=True, **{CACHE_ARG: cache})
+    layers = model.config.num_hidden_layers
+    assert len(written) == layers and written[0][-2] == 5, moved(
+        "Cache.update called on the cache instance by the attention module", "to store RoPE keys rotated"
+    )
+    keys = _seams.layer_keys(_seams.cache_layers(cache)[0])
+    assert keys is not None and tuple(keys.shape[-2:]) == (5, written[0][-1]), moved(
+        "DynamicLayer.keys (B, Hkv, n, D)", "to rotate the keys of a cache a forward created"
+    )

@@ -66,25 +66,53 @@ class MethodOptions:
 
 
 def shared_rows(positions: torch.Tensor) -> torch.Tensor:
-    """(B, L) -> (1, L) when every row is the same (the common case: one row serves the batch)."""
+    """(B, L) -> (1, L) when every row is the same (the common case: one row serves the batch). Not while
+    torch.compile traces: the check reads values (a host sync and a graph break); B rows are as correct."""
     if positions.dim() == 1:
         return positions[None]
+    if torch.compiler.is_compiling():
+        return positions
     if positions.shape[0] > 1 and bool((positions == positions[:1]).all()):
         return positions[:1]
     return positions
 
 
-def join_positions(past: torch.Tensor | None, queries: torch.Tensor) -> torch.Tensor:
-    """(P, n) cached-key positions + (P', Lq) query positions -> (P'', n + Lq), rows broadcast."""
+@dataclass(frozen=True)
+class SlotPositions:
+    """A static cache's key positions, as tensors of fixed shape (a compiled decode step neither syncs nor changes
+    shape): ``slots`` (P, C) the position of the key in each of its C slots (0 where none is written yet; the mask
+    hides those), ``length`` () long the number n of slots written, in order, before this forward."""
+
+    slots: torch.Tensor
+    length: torch.Tensor
+
+    def write(self, queries: torch.Tensor) -> torch.Tensor:
+        """(P', Lq) query positions written into slots n..n+Lq-1 -> (P'', C)."""
+        slots = self.slots.to(queries.device)
+        rows = _broadcast_rows(slots.shape[0], queries.shape[0])
+        index = self.length.to(queries.device) + torch.arange(queries.shape[-1], device=queries.device)
+        return slots.expand(rows, -1).index_copy(1, index, queries.expand(rows, -1))
+
+
+def _broadcast_rows(cached: int, queries: int) -> int:
+    rows = max(cached, queries)
+    if rows % cached or rows % queries:
+        raise ValueError(
+            f"the cache holds positions for {cached} rows but this forward has {queries}; "
+            "reorder or expand the cache with its own methods (they keep rows aligned)"
+        )
+    return rows
+
+
+def join_positions(past, queries: torch.Tensor) -> torch.Tensor:
+    """(P, n) cached-key positions + (P', Lq) query positions -> (P'', n + Lq), rows broadcast; a static cache's
+    :class:`SlotPositions` -> (P'', C)."""
+    if isinstance(past, SlotPositions):
+        return past.write(queries)
     if past is None or past.shape[-1] == 0:
         return queries
     past = past.to(queries.device)
-    rows = max(past.shape[0], queries.shape[0])
-    if rows % past.shape[0] or rows % queries.shape[0]:
-        raise ValueError(
-            f"the cache holds positions for {past.shape[0]} rows but this forward has {queries.shape[0]}; "
-            "reorder or expand the cache with its own methods (they keep rows aligned)"
-        )
+    rows = _broadcast_rows(past.shape[0], queries.shape[0])
     past = past.repeat_interleave(rows // past.shape[0], 0)
     queries = queries.expand(rows, -1) if queries.shape[0] == 1 else queries
     return shared_rows(torch.cat([past, queries], dim=-1))
@@ -196,6 +224,7 @@ class PositionMethod(nn.Module):
     @property
     def has_relative_kv(self) -> bool:
         return self.term.content
+    caches_rotated_keys: ClassVar[bool] = False  # the KV cache may store keys rotated (hf_posenc.key_cache)
 
     def __init__(self, options: MethodOptions, shape: ModelShape):
         super().__init__()
@@ -222,7 +251,8 @@ class PositionMethod(nn.Module):
         """Called before each forward of the model. ``share=False`` under activation checkpointing: a layer that is
         recomputed in backward must redo exactly what it did in forward, so each layer builds its own terms (in
         forward the first layer built them; in the recompute, whichever layer runs first would).
-        ``past_positions`` (P, n): the positions of the n keys already in the cache (None: no cache seen)."""
+        ``past_positions`` (P, n): the positions of the n keys already in the cache (None: no cache seen; a static
+        cache's: :class:`SlotPositions`)."""
         self._memo.clear()
         self._share = share
         self._query_positions = None
@@ -250,6 +280,8 @@ class PositionMethod(nn.Module):
         query-block and flex kernels assume (they work from key indices; a distance-only bias is shift-invariant)."""
         def build():
             q_pos, k_pos = self.positions(q_len, k_len, device)
+            if torch.compiler.is_compiling():  # reading values would sync and break the graph; sdpa is exact
+                return False
             if k_pos.shape[0] != 1:
                 return False
             steps = torch.arange(k_len, device=device) + k_pos[0, 0]

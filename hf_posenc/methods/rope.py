@@ -20,7 +20,8 @@ import torch
 from transformers import PretrainedConfig
 
 from .._seams import ROPE_INIT_FUNCTIONS
-from .base import MethodOptions, ModelShape, PositionMethod, PositionTerm, check_range, help_field
+from .base import (MethodOptions, ModelShape, PositionMethod, PositionTerm, SlotPositions, check_range, help_field,
+                   shared_rows)
 
 SCALINGS = ("linear", "dynamic", "yarn", "dynamic_yarn")
 NATIVE_SCALINGS = (None, "linear", "dynamic", "yarn")  # what transformers' own rotary classes compute
@@ -160,9 +161,33 @@ class Rope(PositionMethod):
         return inv_freq, scaling.reshape(-1, 1, 1, 1)
 
     def rotate(self, q, k, q_pos, k_pos):
-        q_cos, q_sin = self.cos_sin(q_pos, k_pos, q.dtype)
-        k_cos, k_sin = self.cos_sin(k_pos, k_pos, k.dtype)
-        return self._rotate_one(q, q_cos, q_sin), self._rotate_one(k, k_cos, k_sin)
+        return self.rotate_queries(q, q_pos, k_pos), self.rotate_keys(k, k_pos)
+
+    def rotate_queries(self, q, q_pos, k_pos):
+        """q (B, H, Lq, D) rotated at q_pos (P, Lq); k_pos (P, Lk) sets the dynamic scalings' frequencies."""
+        cos, sin = self.cos_sin(q_pos, k_pos, q.dtype)
+        return self._rotate_one(q, cos, sin)
+
+    def rotate_keys(self, k, k_pos):
+        """k (B, Hkv, Lk, D) rotated at k_pos (P, Lk)."""
+        cos, sin = self.cos_sin(k_pos, k_pos, k.dtype)
+        return self._rotate_one(k, cos, sin)
+
+    @property
+    def caches_rotated_keys(self) -> bool:
+        """Keys may be stored rotated (see :mod:`hf_posenc.key_cache`) when we rotate them and a key's rotation
+        depends on its own position only: not with the dynamic scalings, whose frequencies follow the longest
+        position of the input (every key re-rotates when it grows)."""
+        return self.rotate_in_attention and self.options.scaling not in ("dynamic", "dynamic_yarn")
+
+    def new_key_positions(self, n_new: int, device) -> torch.Tensor:
+        """(P, n_new) positions of the keys this forward writes: its reported position ids, else the indices
+        after the cached keys."""
+        if self._query_positions is not None and self._query_positions.shape[-1] == n_new:
+            return shared_rows(self._query_positions.to(device).long())
+        past = self._past_positions
+        start = 0 if past is None else past.length if isinstance(past, SlotPositions) else past.shape[-1]
+        return (torch.arange(n_new, device=device) + start)[None]
 
     def _rotate_one(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x[..., : self.rot_dim], x[..., self.rot_dim :]

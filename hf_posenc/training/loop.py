@@ -66,6 +66,12 @@ def make_accelerator(config: TrainConfig):
         raise ConfigError(
             f"the launch configuration sets gradient accumulation to {accelerator.gradient_accumulation_steps} (e.g. "
             f"DeepSpeed's gradient_accumulation_steps), the recipe to grad_accum={config.grad_accum}; make them equal")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and str(accelerator.distributed_type) != \
+            "DistributedType.FSDP":  # Accelerate 1.x on CPU: MULTI_CPU data parallel, the FSDP plugin unused
+        raise ConfigError(
+            f"launched with an FSDP configuration, but Accelerate runs {accelerator.distributed_type} here (it does "
+            "not shard on CPU); launch with recipes/accelerate/cpu_ddp.yaml on CPU (FSDP2 itself works on CPU: "
+            "tests/test_fsdp.py)")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes != launched:
         raise RuntimeError(

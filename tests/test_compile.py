@@ -1,0 +1,36 @@
+"""Compiled static-cache generation: after the first compiled decode step no step compiles again, and the tokens
+equal uncompiled generation. Positions of a static cache are fixed-shape tensors (SlotPositions), and the
+per-forward checks that read values (shared rows, plain positions, T5's distance range) are skipped while
+torch.compile traces, so a decode step is one graph (backend "eager": dynamo's tracing and guards, no codegen)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_matrix import converted, ids
+from torch._dynamo.utils import counters
+from transformers import CompileConfig
+
+
+def compile_config() -> CompileConfig:
+    config = CompileConfig(backend="eager", fullgraph=False, mode=None)
+    config._compile_all_devices = True  # generate compiles on CUDA only unless told (transformers' own switch)
+    return config
+
+
+@pytest.mark.parametrize("family, case", [("gpt2", "rope"), ("gpt2", "alibi"), ("gpt2", "t5"),
+                                          ("llama", "rope-partial")])
+def test_static_generate_compiles_once(family, case):
+    model = converted(family, case)
+    prompt = ids(1, 20)
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, cache_implementation="static")
+    expected = model.generate(prompt, **kwargs)
+    torch._dynamo.reset()
+    counters.clear()
+    first = model.generate(prompt, compile_config=compile_config(), **kwargs)
+    assert counters["frames"]["total"] == 1, dict(counters["graph_break"])  # one frame, compiled once
+    assert not counters["graph_break"]
+    counters.clear()
+    second = model.generate(prompt, compile_config=compile_config(), **kwargs)
+    assert counters["frames"]["total"] == 0  # warm: nothing compiles
+    assert torch.equal(first, expected) and torch.equal(second, expected)
