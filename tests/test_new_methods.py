@@ -269,3 +269,9 @@ def test_measured_fire_alibi_error_is_what_the_docs_say():
         line = f"threshold {threshold}: {far:.2%} of the steepest head's bias at the threshold, {near:.2f} slopes"
         assert line in " ".join(text.split()), line
     assert re.search("FIREINIT", text) is None
+
+
+def test_learned_refuses_positions_before_its_first_row():
+    model = hf_posenc.convert(tiny_model("gpt2"), "learned")
+    with pytest.raises(ValueError, match="before the learned table's first row"):
+        model(ids(1, 8), position_ids=torch.arange(8)[None] - 1)

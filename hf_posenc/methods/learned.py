@@ -72,6 +72,11 @@ class Learned(PositionMethod):
 
     def embed(self, position_ids: torch.Tensor) -> torch.Tensor:
         rows = self.table.num_embeddings
+        if position_ids.numel() and int(position_ids.min()) < 0:
+            raise ValueError(
+                f"position {int(position_ids.min())} is before the learned table's first row: position ids start at "
+                "0 at the first token (RoBERTa: at padding_idx + 1, as the model counts them)"
+            )
         if position_ids.numel() and int(position_ids.max()) >= rows:
             raise ValueError(
                 f"position {int(position_ids.max())} is past the learned table's {rows} rows: convert with a larger "
