@@ -39,7 +39,7 @@ def refusal(model: nn.Module) -> str | None:
                 "which a traced ONNX graph cannot do")
     missing = [name for name in REQUIREMENTS if importlib.util.find_spec(name) is None]
     if missing:
-        XX
+        return f"torch.onnx's exporter needs {', '.join(missing)}: pip install 'hf_posenc[onnx]'"
     return None
 
 
