@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tiny_models import OLD_LIMIT, VOCAB, tiny_model, train_tiny_tokenizer
+from tiny_models import OLD_LIMIT, VOCAB, tiny_model
 
 import hf_posenc
 from hf_posenc import cli
@@ -96,10 +96,10 @@ def onnx_inputs() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, tiny_tokenizer):
     """name -> (converted model, export folder); the GPT-2 + rope one through the CLI, from a saved checkpoint."""
     root = tmp_path_factory.mktemp("export")
-    tokenizer = train_tiny_tokenizer(root / "tokenizer")
+    tokenizer = tiny_tokenizer
     out = {}
     for name, (family, method, options, _, _) in CASES.items():
         model = converted(family, method, options)
@@ -226,3 +226,24 @@ def test_cli_reports_a_refusal(tmp_path, capsys):
     converted("llama", "rope", {"scaling": "dynamic_yarn", "factor": 4.0}).save_pretrained(saved)
     assert cli.main(["export", "--model-path", str(saved), "--out", str(tmp_path / "out"), "--format", "native"]) == 2
     assert "no transformers rope_type" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_retrofit_export_writes_the_result_for_plain_transformers(tmp_path, tiny_tokenizer_dir, monkeypatch, capsys):
+    from tiny_models import DATA, TEXT
+
+    from hf_posenc import retrofit
+
+    monkeypatch.setenv("HF_POSENC_CACHE", str(tmp_path / "cache"))
+    checkpoint = tmp_path / "tiny-gpt2"
+    tiny_model("gpt2").save_pretrained(checkpoint)
+    for f in tiny_tokenizer_dir.iterdir():
+        (checkpoint / f.name).write_bytes(f.read_bytes())
+    argv = ["--model", str(checkpoint), "--method", "rope", "--data", str(TEXT), "--heldout", str(TEXT),
+            "--other-heldout", str(DATA / "other.txt"), "--steps", "1", "--seq-len", "32", "--batch-size", "1",
+            "--eval-lengths", "32", "--eval-tokens", "64", "--passkey-samples", "1", "--out", str(tmp_path / "run"),
+            "--export"]
+    assert retrofit.main(argv) == 0
+    out = tmp_path / "run" / "export"
+    assert "export:" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["GPTNeoXForCausalLM"]
+    assert (out / "tokenizer.json").is_file() and (out / "README.md").is_file()
