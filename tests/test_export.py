@@ -45,6 +45,7 @@ CASES = {
     "bert-rope": ("bert", "rope", {}, "native", "RoFormerForMaskedLM"),
     "gpt2-alibi": ("gpt2", "alibi", {}, "onnx", None),
     "bert-t5": ("bert", "t5", {}, "onnx", None),
+    "llama-dynamic-yarn": ("llama", "rope", {"scaling": "dynamic_yarn", "factor": 4.0}, "onnx", None),
 }
 CAUSAL = {"llama", "qwen2", "mistral", "gpt2"}
 
@@ -85,9 +86,9 @@ def ids(length: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
 
 
 def onnx_inputs() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Several lengths, past the old limit too; the second row left-padded."""
+    """Several lengths, past the old limit too (dynamic YaRN: scale 1, 1.6 and 4); the second row left-padded."""
     pairs = []
-    for length in (5, 40, OLD_LIMIT + 36):
+    for length in (5, 40, OLD_LIMIT + 36, 4 * OLD_LIMIT):
         x = ids(length, seed=length)
         mask = torch.ones_like(x)
         mask[1, : length // 4] = 0
@@ -198,7 +199,7 @@ def test_a_head_the_native_target_lacks_goes_to_onnx():
     ("gpt2", {"scaling": "dynamic", "factor": 4.0}, "native", "follows the input length"),
     ("gpt2", {"scaling": "dynamic", "factor": 4.0}, "auto", "chooses its frequencies per input length"),
     ("llama", {"scaling": "dynamic_yarn", "factor": 4.0}, "native", "no transformers rope_type"),
-    ("llama", {"scaling": "dynamic_yarn", "factor": 4.0}, "onnx", "chooses its frequencies per input length"),
+    ("gpt2", {"scaling": "dynamic", "factor": 4.0}, "onnx", "chooses its frequencies per input length"),
 ])
 def test_refusals_list_what_can_be_exported_and_write_nothing(family, options, format, message, tmp_path):
     model = converted(family, "rope", options)

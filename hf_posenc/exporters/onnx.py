@@ -3,9 +3,9 @@
 Inputs ``input_ids`` and ``attention_mask`` (B, L) int64, output the model's first output (logits (B, L, V) for an
 LM head), with dynamic batch and sequence axes; no KV cache (each call is a full forward). The graph is traced
 with the ``eager`` backend (explicit softmax attention: one graph for every method; the query-block kernels pick
-per length, which a graph with a symbolic length cannot). Refused: RoPE scalings that follow the input length
-(``dynamic``, ``dynamic_yarn``): their frequencies are chosen per length in Python, data a traced graph does not
-have.
+per length, which a graph with a symbolic length cannot). Dynamic YaRN traces as tensor ops of the input length
+(``Rope._traced_dynamic_yarn``). Refused: dynamic NTK (``scaling="dynamic"``): its frequencies are chosen per length
+in Python (by hf_posenc, or statefully by transformers' rotary on Llama-style models, which export natively).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .common import posenc
 
 FILE_NAME = "model.onnx"
 INPUT_NAMES = ("input_ids", "attention_mask")
-LENGTH_FOLLOWING = ("dynamic", "dynamic_yarn")
+LENGTH_FOLLOWING = ("dynamic",)  # dynamic_yarn has a traced form (Rope._traced_dynamic_yarn)
 # the exporter's notes on what is harmless here: the method's per-forward positions are plain attributes (not state of
 # the graph), and input_ids / attention_mask share their axes
 QUIET = (r"The tensor attribute .* was assigned during export", r"# The axis name: .* will not be used",
