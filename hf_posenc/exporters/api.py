@@ -96,28 +96,36 @@ def _why_not_native(model: nn.Module, key: tuple[str, str], mapping: NativeMappi
 
 
 def _write(model: nn.Module, plan: Plan, folder: Path) -> dict:
-    """Write the model files into ``folder``; returns what the probe measured."""
+    """Write the model files into ``folder``, run them on the probe; returns what was made and measured."""
     input_ids, attention_mask = _probe(model)
     with torch.no_grad():
         reference = model(input_ids=input_ids, attention_mask=attention_mask)[0]
-        if plan.format == "native":
-            target = plan.mapping.build(model)
-            if model.can_generate() and target.can_generate():
-                target.generation_config = copy.deepcopy(model.generation_config)
-            exported = target(input_ids=input_ids, attention_mask=attention_mask)[0]
-            target.save_pretrained(folder)
-        else:
-            path = onnx_export.write_onnx(model, folder)
-            model.config.save_pretrained(folder)  # what the graph was made from (loads with hf_posenc)
-            exported = onnx_export.onnx_logits(path, input_ids, attention_mask) if _have_onnxruntime() else None
+        write = _write_native if plan.format == "native" else _write_onnx
+        made, exported = write(model, plan, folder, input_ids, attention_mask)
+    made["tokens"] = input_ids.shape[-1]
     if exported is None:
-        return {"checked": False, "tokens": input_ids.shape[-1]}
+        return {**made, "checked": False}
     difference = float((exported.float() - reference.float()).abs().max())
     tolerance = TOLERANCE if reference.dtype == torch.float32 else 1e-2 * float(reference.abs().max())
     if not difference <= tolerance:  # nan-safe
         raise RuntimeError(f"the {plan.format} export's logits differ from the converted model's by {difference:.3g} "
                            f"(> {tolerance:.3g}) on a {input_ids.shape[-1]}-token probe; nothing was written")
-    return {"checked": True, "tokens": input_ids.shape[-1], "max_difference": difference}
+    return {**made, "checked": True, "max_difference": difference}
+
+
+def _write_native(model, plan: Plan, folder: Path, input_ids, attention_mask) -> tuple[dict, torch.Tensor]:
+    target = plan.mapping.build(model)
+    if model.can_generate() and target.can_generate():
+        target.generation_config = copy.deepcopy(model.generation_config)
+    target.save_pretrained(folder)
+    return {"class": type(target).__name__}, target(input_ids=input_ids, attention_mask=attention_mask)[0]
+
+
+def _write_onnx(model, plan: Plan, folder: Path, input_ids, attention_mask) -> tuple[dict, torch.Tensor | None]:
+    path = onnx_export.write_onnx(model, folder)
+    model.config.save_pretrained(folder)  # what the graph was made from (loads with hf_posenc)
+    exported = onnx_export.onnx_logits(path, input_ids, attention_mask) if _have_onnxruntime() else None
+    return {"class": None}, exported
 
 
 def _probe(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

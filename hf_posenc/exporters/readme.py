@@ -29,7 +29,7 @@ def write_readme(folder: Path, model: nn.Module, plan, check: dict, has_tokenize
             "",
             "```python",
             "import transformers",
-            f"model = transformers.{_auto_class(model)}.from_pretrained(path)",
+            f"model = transformers.{check['class']}.from_pretrained(path)  # or the matching AutoModelFor* class",
             "```",
         ]
     else:
@@ -48,10 +48,6 @@ def write_readme(folder: Path, model: nn.Module, plan, check: dict, has_tokenize
     lines += ["", _check_line(check, plan.format, model),
               "" if has_tokenizer else "\nNo tokenizer was saved with it (the source had none).", ""]
     (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")
-
-
-def _auto_class(model: nn.Module) -> str:
-    return "AutoModelForCausalLM" if model.can_generate() else "AutoModelForMaskedLM"
 
 
 def _check_line(check: dict, format: str, model: nn.Module) -> str:
