@@ -9,6 +9,7 @@ from .attention import ATTN_IMPLEMENTATION, register
 from .backends import BACKENDS, get_backend, set_backend
 from .config import FORMAT_VERSION, PosEncConfig
 from .convert import convert, from_pretrained, is_converted
+from .exporters import export
 from .registry import available_methods, supported_archs
 from .restore import original_positions
 
@@ -16,6 +17,7 @@ register()
 
 __version__ = "0.1.0"
 __all__ = [
-    "ATTN_IMPLEMENTATION", "BACKENDS", "FORMAT_VERSION", "PosEncConfig", "available_methods", "convert", "from_pretrained",
+    "ATTN_IMPLEMENTATION", "BACKENDS", "FORMAT_VERSION", "PosEncConfig", "available_methods", "convert", "export",
+    "from_pretrained",
     "get_backend", "is_converted", "original_positions", "set_backend", "supported_archs",
 ]

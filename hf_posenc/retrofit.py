@@ -143,6 +143,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens scored per length")
     parser.add_argument("--passkey-samples", type=int, default=None, help="passkey prompts per length and depth")
     parser.add_argument("--out", default=None, help="output folder (default runs/retrofit-<model>-<recipe>)")
+    parser.add_argument("--export", action="store_true",
+                        help="at the end, export the retrofit to OUT/export for plain transformers (native where exact, "
+                        "else ONNX; docs/export.md)")
     return parser.parse_args(argv)
 
 
@@ -639,4 +642,18 @@ def main(argv: list[str] | None = None) -> int:
     plot(plan, rows)
     report = write_report(plan, rows, time.perf_counter() - started)
     print("\n" + tables(plan, rows) + f"\n\nreport: {report}")
+    return export_retrofit(plan) if args.export else 0
+
+
+def export_retrofit(plan: Plan) -> int:
+    """``--export``: the fine-tuned model -> ``OUT/export`` (replaced by each run), see docs/export.md."""
+    from .exporters import export
+
+    model, tokenizer, _ = load_retrofit(plan.finetune_dir)
+    try:
+        out = export(model, plan.out / "export", tokenizer=tokenizer, overwrite=True)
+    except ValueError as err:
+        print(f"hf-posenc retrofit: the results above are kept, but the export failed: {err}", file=sys.stderr)
+        return 2
+    print(f"export: {out} (see its README.md)")
     return 0

@@ -237,8 +237,9 @@ class PositionMethod(nn.Module):
 
     # -- per-forward memo -------------------------------------------------------------------------------
     def shared(self, key: tuple, build: Callable[[], Any]) -> Any:
-        """Return ``build()``, computed once per forward of the model and reused by all layers."""
-        if not self._share:
+        """Return ``build()``, computed once per forward of the model and reused by all layers. Under
+        ``torch.export`` (ONNX export) sizes are symbolic and cannot key the memo: each layer builds its own."""
+        if not self._share or torch.compiler.is_exporting():
             return build()
         if key not in self._memo:
             self._memo[key] = build()
@@ -277,7 +278,11 @@ class PositionMethod(nn.Module):
 
     def plain_positions(self, q_len: int, k_len: int, device: torch.device) -> bool:
         """True when q_pos / k_pos are one row of consecutive integers with the queries the last Lq keys: what the
-        query-block and flex kernels assume (they work from key indices; a distance-only bias is shift-invariant)."""
+        query-block and flex kernels assume (they work from key indices; a distance-only bias is shift-invariant).
+        Under ``torch.export`` False: the positions are not known when the graph is traced (general kernels only)."""
+        if torch.compiler.is_exporting():
+            return False
+
         def build():
             q_pos, k_pos = self.positions(q_len, k_len, device)
             if torch.compiler.is_compiling():  # reading values would sync and break the graph; sdpa is exact

@@ -154,11 +154,27 @@ class Rope(PositionMethod):
         if self.options.scaling not in ("dynamic", "dynamic_yarn"):
             inv_freq, scaling = self._inv_freq(seq_len=None, device=device)
             return inv_freq.float()[None], torch.tensor(float(scaling), device=device).reshape(1, 1, 1, 1)
+        if self.options.scaling == "dynamic_yarn" and torch.compiler.is_exporting():
+            return self._traced_dynamic_yarn(k_pos, device)
         lengths = (k_pos.amax(dim=-1) + 1).tolist()  # (P',)
         per_length = {n: self._inv_freq(seq_len=n, device=device) for n in set(lengths)}
         inv_freq = torch.stack([per_length[n][0].float() for n in lengths])
         scaling = torch.tensor([float(per_length[n][1]) for n in lengths], device=device)
         return inv_freq, scaling.reshape(-1, 1, 1, 1)
+
+    def _traced_dynamic_yarn(self, k_pos: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_row_frequencies` of dynamic YaRN as tensor ops of each row's length, for ``torch.export`` (ONNX),
+        where lengths are not Python numbers. YaRN at scale s has inverse frequencies w * (r + (1 - r) / s) for the
+        unscaled w and a ramp r that does not depend on s, and cos/sin scale 0.1 ln s + 1; r is read off
+        transformers' YaRN at ``factor``. At s = 1 this is the unscaled rotary, as in eager."""
+        factor = float(self.options.factor)
+        unscaled = self._unscaled_inv_freq(device)  # (rot_dim/2,)
+        at_factor, _ = ROPE_INIT_FUNCTIONS["yarn"](self.rope_config, device)
+        ramp = (at_factor.float() / unscaled - 1.0 / factor) / (1.0 - 1.0 / factor)
+        lengths = (k_pos.amax(dim=-1) + 1).float()  # (P',)
+        scale = (lengths / self.options.original_max_positions).clamp(1.0, factor)[:, None]  # (P', 1)
+        inv_freq = unscaled * (ramp + (1.0 - ramp) / scale)  # (P', rot_dim/2)
+        return inv_freq, (0.1 * torch.log(scale) + 1.0).reshape(-1, 1, 1, 1)
 
     def rotate(self, q, k, q_pos, k_pos):
         return self.rotate_queries(q, q_pos, k_pos), self.rotate_keys(k, k_pos)

@@ -1,0 +1,32 @@
+"""Llama-style (Llama, Mistral, Qwen2) + ``rope`` -> the family's own model with ``rope_parameters``.
+
+A converted Llama-style model with full rotary and a transformers scaling already runs the family's own rotary
+class, re-configured (see ``convert._native_rotary``): the export is the same weights under a config whose
+``rope_parameters`` are :meth:`Rope.native_rope_parameters` (``max_position_embeddings``: see
+:func:`.common.rope_limit`).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..methods.rope import NATIVE_SCALINGS
+from .common import load_weights, plain_config, posenc, rope_limit, rope_parameters
+
+
+def refusal(model: nn.Module) -> str | None:
+    options = posenc(model)["options"]
+    if options["fraction"] != 1.0:
+        return (f"partial rotary (fraction={options['fraction']}): transformers' Llama-style attention rotates "
+                "every dim of the head")
+    if options["scaling"] not in NATIVE_SCALINGS:
+        return f"scaling={options['scaling']!r} has no transformers rope_type (it is rotated by hf_posenc itself)"
+    return None
+
+
+def build(model: nn.Module) -> nn.Module:
+    config = plain_config(model)
+    config.rope_parameters = rope_parameters(model)
+    config.max_position_embeddings = rope_limit(model)
+    config = type(config).from_dict(config.to_dict())  # validated as a fresh load would
+    return load_weights(type(model)(config), dict(model.state_dict()))

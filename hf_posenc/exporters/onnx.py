@@ -1,0 +1,98 @@
+"""Any converted model -> an ONNX graph (``torch.onnx.export(..., dynamo=True)``) of its full forward.
+
+Inputs ``input_ids`` and ``attention_mask`` (B, L) int64, output the model's first output (logits (B, L, V) for an
+LM head), with dynamic batch and sequence axes; no KV cache (each call is a full forward). The graph is traced
+with the ``eager`` backend (explicit softmax attention: one graph for every method; the query-block kernels pick
+per length, which a graph with a symbolic length cannot). Dynamic YaRN traces as tensor ops of the input length
+(``Rope._traced_dynamic_yarn``). Refused: dynamic NTK (``scaling="dynamic"``): its frequencies are chosen per length
+in Python (by hf_posenc, or statefully by transformers' rotary on Llama-style models, which export natively).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..backends import get_backend, set_backend
+from ..registry import arch_for
+from .common import posenc
+
+FILE_NAME = "model.onnx"
+INPUT_NAMES = ("input_ids", "attention_mask")
+LENGTH_FOLLOWING = ("dynamic",)  # dynamic_yarn has a traced form (Rope._traced_dynamic_yarn)
+# the exporter's notes on what is harmless here: the method's per-forward positions are plain attributes (not state of
+# the graph), and input_ids / attention_mask share their axes
+QUIET = (r"The tensor attribute .* was assigned during export", r"# The axis name: .* will not be used",
+         r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+REQUIREMENTS = ("onnxscript", "onnx")  # what torch.onnx's dynamo exporter imports
+
+
+def refusal(model: nn.Module) -> str | None:
+    entry = posenc(model)
+    if entry["method"] == "rope" and entry["options"]["scaling"] in LENGTH_FOLLOWING:
+        return (f"rope scaling={entry['options']['scaling']!r} chooses its frequencies per input length in Python, "
+                "which a traced ONNX graph cannot do")
+    missing = [name for name in REQUIREMENTS if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"torch.onnx's exporter needs {', '.join(missing)}: pip install 'hf_posenc[onnx]'"
+    return None
+
+
+class FirstOutput(nn.Module):
+    """(input_ids, attention_mask) -> the model's first output, without a cache."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.cache_kwargs = {"use_cache": False} if arch_for(model.config).is_causal(model.config) else {}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **self.cache_kwargs)[0]
+
+
+@contextlib.contextmanager
+def eager_backend(model: nn.Module):
+    before = get_backend(model)
+    set_backend(model, "eager")
+    try:
+        yield
+    finally:
+        set_backend(model, before)
+
+
+def example_inputs(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2, 16): sizes above 1, so the exporter keeps both axes symbolic."""
+    device = next(model.parameters()).device
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 16), device=device)
+    return input_ids, torch.ones_like(input_ids)
+
+
+def write_onnx(model: nn.Module, folder: Path) -> Path:
+    batch = torch.export.Dim("batch", min=1)
+    length = torch.export.Dim("sequence", min=1)
+    axes = {0: batch, 1: length}
+    with eager_backend(model), torch.no_grad(), warnings.catch_warnings():
+        for message in QUIET:
+            warnings.filterwarnings("ignore", message=message)
+        program = torch.onnx.export(
+            FirstOutput(model).eval(), example_inputs(model), dynamo=True, verbose=False,
+            input_names=list(INPUT_NAMES), output_names=["logits"],
+            dynamic_shapes={"input_ids": axes, "attention_mask": axes},
+        )
+    path = folder / FILE_NAME
+    program.save(str(path))
+    return path
+
+
+def onnx_logits(path: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Run the graph with onnxruntime (CPU)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": input_ids.cpu().numpy(), "attention_mask": attention_mask.cpu().numpy()}
+    return torch.from_numpy(session.run(None, feeds)[0])
