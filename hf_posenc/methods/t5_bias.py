@@ -78,7 +78,7 @@ class T5Bias(PositionMethod):
         # k - q takes few distinct values (at most Lk + Lq - 1 for consecutive positions): look each distance up
         # once, then gather
         relative = k_pos[:, None, :] - q_pos[:, :, None]  # (P, Lq, Lk)
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # the distance range is data: bucket every pair
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # the distance range is data: bucket
             return self.relative_attention_bias(self.bucket(relative)).permute(0, 3, 1, 2)
         low, high = int(relative.min()), int(relative.max())
         distances = torch.arange(low, high + 1, device=k_pos.device)
