@@ -140,3 +140,27 @@ def test_smollm2_cpu_study_rows_on_a_tiny_llama(tmp_path, tiny_tokenizer_dir, mo
     assert rows["default"]["finetune"]["tokens"] == 2 * 2 * 32
     table = (tmp_path / "study" / "table.md").read_text()
     assert "Held-out other" in table and "| dynamic-ntk |" in table
+
+
+def test_recipe_variants_score_several_windows_on_a_tiny_llama(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """The variants study: a variant's fine-tune gets its own keyed folder; every row scores the asked windows."""
+    import shutil
+
+    from tiny_models import DATA, tiny_model
+
+    monkeypatch.setenv("HF_POSENC_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(model)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, model)
+    study = load_script("smollm2_recipe_variants")
+    extra = (f"--model {model} --data {TEXT} --heldout {TEXT} --other-heldout {DATA / 'other.txt'} --steps 2 "
+             "--seq-len 32 --batch-size 2")
+    out = tmp_path / "variants"
+    assert study.main(["--out", str(out), "--rows", "training-free,default,pose-2x", "--lengths", "64,128",
+                       "--windows", "2", "--retrofit-args", extra]) == 0
+    rows = json.loads((out / "variants-W2.json").read_text())
+    assert rows["training-free"]["finetune"] is None
+    assert rows["default"]["finetune"]["dir"] != rows["pose-2x"]["finetune"]["dir"]
+    assert all(rows[r][f"tempest@{n}"]["windows"] == 2 for r in rows for n in (64, 128))
+    assert "| pose-2x |" in (out / "variants-W2.md").read_text()

@@ -1,0 +1,121 @@
+"""Variants of the rotary retrofit recipe, scored with several windows per length (the main job scores one window
+at 8k and 16k). Each variant is the default recipe (``hf_posenc.retrofit.RECIPES["rotary"]``) with some fine-tune
+settings replaced; ``training-free`` is the recipe's conversion without a fine-tune. Every row: the last-1024-token
+and all-token perplexity of the first ``--windows`` windows of each held-out text at each length.
+
+    OMP_NUM_THREADS=1 python studies/smollm2_recipe_variants.py --out runs/retrofit-smollm2-135m-dynamic-yarn-pose-distill \
+        --rows training-free,default --lengths 8192,16384 --windows 2
+
+``--out`` is a retrofit output folder: a fine-tune already there (same settings) is reused, not repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from dataclasses import replace
+from pathlib import Path
+
+VARIANTS: dict[str, dict] = {  # row -> TrainConfig overrides on top of the default recipe's
+    "default": {},
+    "pose-2x": {"pose": {"factor": 2, "chunks": 2}},  # PoSE ids up to 2x the trained context (not 4x)
+    "lm-mix": {"distill": {"weight": 1.0, "temperature": 1.0, "lm_weight": 0.5}},
+    "lora": {"lora": {"r": 16, "alpha": 32, "dropout": 0.0,
+                      "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}, "lr": 2.0e-4},
+}
+TRAINING_FREE = "training-free"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="a retrofit output folder (fine-tunes land and are reused here)")
+    parser.add_argument("--rows", default=f"{TRAINING_FREE},default",
+                        help=f"comma-separated: {TRAINING_FREE}, {', '.join(VARIANTS)}")
+    parser.add_argument("--lengths", default="8192,16384")
+    parser.add_argument("--windows", type=int, default=2, help="windows per length, from the start of each text")
+    parser.add_argument("--retrofit-args", default="", help="extra hf-posenc retrofit flags (model, data, steps)")
+    args = parser.parse_args(argv)
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r != TRAINING_FREE and r not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {TRAINING_FREE}, {', '.join(VARIANTS)}")
+    if args.windows < 1:
+        parser.error("--windows must be >= 1")
+    args.rows, args.lengths = rows, [int(n) for n in args.lengths.split(",")]
+    return args
+
+
+def plan_for(row: str, out: str, retrofit_args: str):
+    """The retrofit plan of one row (the training-free row: the default recipe's, never fine-tuned)."""
+    from hf_posenc import retrofit
+
+    default = retrofit.family_recipe(retrofit.model_facts(_model(retrofit_args))[0])
+    overrides = VARIANTS.get(row, {})
+    recipe = replace(default, name=default.name if not overrides else f"{default.name}-{row}",
+                     train={**default.train, **overrides})
+    saved = dict(retrofit.RECIPES)
+    retrofit.RECIPES.update({k: recipe for k, v in saved.items() if v == default})
+    try:
+        return retrofit.make_plan(retrofit.parse_args(["--out", out, *shlex.split(retrofit_args)])), recipe
+    finally:
+        retrofit.RECIPES.update(saved)
+
+
+def _model(retrofit_args: str) -> str:
+    from hf_posenc import retrofit
+
+    flags = shlex.split(retrofit_args)
+    return flags[flags.index("--model") + 1] if "--model" in flags else retrofit.DEFAULT_MODEL
+
+
+def score_row(row: str, args) -> dict:
+    import torch
+
+    from hf_posenc import retrofit
+    from hf_posenc.integrations.long_context import window_scores
+
+    plan, recipe = plan_for(row, args.out, args.retrofit_args)
+    retrofit.fetch_model(plan)
+    started = time.time()
+    if row == TRAINING_FREE:
+        model, tokenizer, _ = retrofit.load_original(plan, (recipe.method, recipe.options))
+        result = {"finetune": None}
+    else:
+        model, tokenizer, _ = retrofit.load_retrofit(retrofit.finetune(plan))
+        result = {"finetune": {**retrofit.finetune_summary(plan), "dir": str(plan.finetune_dir),
+                               "overrides": VARIANTS[row]}}
+    result["prepare_s"] = round(time.time() - started, 1)
+    with torch.no_grad():
+        for corpus, path in plan.corpora.items():
+            ids = torch.tensor(tokenizer(path.read_text())["input_ids"])
+            for n in args.lengths:
+                result[f"{corpus}@{n}"] = window_scores(model, ids, n, n * args.windows, retrofit.LAST_TOKENS)
+                print(row, corpus, n, result[f"{corpus}@{n}"], flush=True)
+    return result
+
+
+def table(results: dict, lengths: list[int]) -> str:
+    corpora = sorted({key.split("@")[0] for r in results.values() for key in r if "@" in key})
+    head = [f"{c} {n}" for c in corpora for n in lengths]
+    lines = ["| row | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+    for row, r in results.items():
+        cells = [r.get(f"{c}@{n}", {}) for c in corpora for n in lengths]
+        lines.append(f"| {row} | " + " | ".join(f"{x['last']:.2f}" if "last" in x else "—" for x in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    results = {row: score_row(row, args) for row in args.rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"variants-W{args.windows}.json").write_text(json.dumps(results, indent=1))
+    (out / f"variants-W{args.windows}.md").write_text(table(results, args.lengths))
+    print(table(results, args.lengths))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
