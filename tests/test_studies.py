@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from tiny_models import TEXT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,18 +118,27 @@ def test_smollm2_study_quick(tmp_path, monkeypatch):
     assert all("time budget" in skipped[n]["skipped"] for n in names[1:])
 
 
-def test_smollm2_cpu_study_rows_on_a_tiny_llama(tmp_path, tiny_tokenizer_dir, monkeypatch):
-    """The CPU study's plumbing: fine-tuned rows through hf-posenc retrofit, training-free rows scored alone, the
-    original shared through the source cache, one results.json / table.md."""
+@pytest.fixture
+def tiny_llama_dir(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """A saved tiny Llama with a tokenizer, as a retrofit --model; shared scores go to a temporary source cache."""
     import shutil
 
-    from tiny_models import DATA, tiny_model
+    from tiny_models import tiny_model
 
     monkeypatch.setenv("HF_POSENC_CACHE", str(tmp_path / "cache"))
     model = tmp_path / "tiny-llama"
     tiny_model("llama").save_pretrained(model)
     for f in tiny_tokenizer_dir.iterdir():
         shutil.copy(f, model)
+    return model
+
+
+def test_smollm2_cpu_study_rows_on_a_tiny_llama(tmp_path, tiny_llama_dir):
+    """The CPU study's plumbing: fine-tuned rows through hf-posenc retrofit, training-free rows scored alone, the
+    original shared through the source cache, one results.json / table.md."""
+    from tiny_models import DATA
+
+    model = tiny_llama_dir
     study = load_script("smollm2_cpu_retrofit")
     extra = (f"--model {model} --data {TEXT} --heldout {TEXT} --other-heldout {DATA / 'other.txt'} --steps 2 "
              "--seq-len 32 --batch-size 2 --eval-tokens 128")
@@ -142,17 +152,11 @@ def test_smollm2_cpu_study_rows_on_a_tiny_llama(tmp_path, tiny_tokenizer_dir, mo
     assert "Held-out other" in table and "| dynamic-ntk |" in table
 
 
-def test_recipe_variants_score_several_windows_on_a_tiny_llama(tmp_path, tiny_tokenizer_dir, monkeypatch):
+def test_recipe_variants_score_several_windows_on_a_tiny_llama(tmp_path, tiny_llama_dir):
     """The variants study: a variant's fine-tune gets its own keyed folder; every row scores the asked windows."""
-    import shutil
+    from tiny_models import DATA
 
-    from tiny_models import DATA, tiny_model
-
-    monkeypatch.setenv("HF_POSENC_CACHE", str(tmp_path / "cache"))
-    model = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(model)
-    for f in tiny_tokenizer_dir.iterdir():
-        shutil.copy(f, model)
+    model = tiny_llama_dir
     study = load_script("smollm2_recipe_variants")
     extra = (f"--model {model} --data {TEXT} --heldout {TEXT} --other-heldout {DATA / 'other.txt'} --steps 2 "
              "--seq-len 32 --batch-size 2")
