@@ -43,7 +43,8 @@ CASES = {
     "gpt2-rope-partial-yarn": ("gpt2", "rope", {"fraction": 0.5, "scaling": "yarn", "factor": 4.0}, "native",
                                "GPTNeoXForCausalLM"),
     "bert-rope": ("bert", "rope", {}, "native", "RoFormerForMaskedLM"),
-    "gpt2-alibi": ("gpt2", "alibi", {}, "onnx", None),
+    "gpt2-alibi": ("gpt2", "alibi", {}, "native", "BloomForCausalLM"),
+    "llama-alibi": ("llama", "alibi", {}, "onnx", None),
     "bert-t5": ("bert", "t5", {}, "onnx", None),
     "llama-dynamic-yarn": ("llama", "rope", {"scaling": "dynamic_yarn", "factor": 4.0}, "onnx", None),
 }
@@ -177,7 +178,8 @@ def test_the_rotary_reordering_interleaves_halves():
 
 
 @pytest.mark.parametrize(("family", "method", "options", "why"), [
-    ("gpt2", "alibi", {}, "MPT"),
+    ("gpt2", "alibi", {}, None),
+    ("gpt2", "alibi", {"slope_scale": 0.5}, "slope_scale"),
     ("llama", "rope", {"fraction": 0.5}, "partial rotary"),
     ("llama", "rope", {"scaling": "linear", "factor": 2.0}, None),
     ("bert", "rope", {"theta": 500.0}, "theta"),
@@ -248,3 +250,14 @@ def test_retrofit_export_writes_the_result_for_plain_transformers(tmp_path, tiny
     assert "export:" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["architectures"] == ["GPTNeoXForCausalLM"]
     assert (out / "tokenizer.json").is_file() and (out / "README.md").is_file()
+
+
+def test_bloom_embedding_layernorm_returns_each_embedding_minus_its_mean():
+    """What makes GPT-2 + ALiBi -> BLOOM exact: BLOOM's extra LayerNorm on the (rescaled) table gives back GPT-2's
+    embeddings up to their mean, which every later LayerNorm removes."""
+    from hf_posenc.exporters.gpt2_bloom import identity_embedding_layernorm
+
+    embeddings = torch.randn(50, 16, dtype=torch.float64) * 0.3 + 0.1
+    table, gain = identity_embedding_layernorm(embeddings, 1e-5)
+    normed = torch.nn.functional.layer_norm(table, (16,), gain, torch.zeros(16, dtype=torch.float64), 1e-5)
+    torch.testing.assert_close(normed, embeddings - embeddings.mean(-1, keepdim=True))

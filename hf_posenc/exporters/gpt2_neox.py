@@ -60,24 +60,37 @@ def fused_qkv(weight: torch.Tensor, bias: torch.Tensor, heads: int) -> tuple[tor
     return weight.contiguous(), bias.contiguous()
 
 
+def block_tensors(block: nn.Module, heads: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One GPT-2 block's (weight, bias) per role, re-laid out as (out, in) Linears (Conv1D stores (in, out)), the
+    fused qkv grouped per head: what GPT-NeoX and BLOOM both read."""
+    qkv_weight, qkv_bias = fused_qkv(block.attn.c_attn.weight, block.attn.c_attn.bias, heads)
+    return {
+        "ln_1": (block.ln_1.weight, block.ln_1.bias), "ln_2": (block.ln_2.weight, block.ln_2.bias),
+        "qkv": (qkv_weight, qkv_bias), "attn_out": (block.attn.c_proj.weight.t(), block.attn.c_proj.bias),
+        "fc": (block.mlp.c_fc.weight.t(), block.mlp.c_fc.bias),
+        "proj": (block.mlp.c_proj.weight.t(), block.mlp.c_proj.bias),
+    }
+
+
+def blocks_state(model: nn.Module, heads: int, prefix: str, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Every block's tensors under ``prefix.<i>.<names[role]>.weight / .bias``."""
+    state = {}
+    for i, block in enumerate(model.base_model.h):
+        for role, (weight, bias) in block_tensors(block, heads).items():
+            state[f"{prefix}.{i}.{names[role]}.weight"] = weight
+            state[f"{prefix}.{i}.{names[role]}.bias"] = bias
+    return state
+
+
+NEOX_NAMES = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "qkv": "attention.query_key_value",
+              "attn_out": "attention.dense", "fc": "mlp.dense_h_to_4h", "proj": "mlp.dense_4h_to_h"}
+
+
 def neox_state(model: nn.Module, heads: int) -> dict[str, torch.Tensor]:
     gpt2 = model.base_model
     state = {"gpt_neox.embed_in.weight": gpt2.wte.weight, "lm_head.weight": model.lm_head.weight,
-             "gpt_neox.final_layer_norm.weight": gpt2.ln_f.weight, "gpt_neox.final_layer_norm.bias": gpt2.ln_f.bias}
-    for i, block in enumerate(gpt2.h):
-        prefix = f"gpt_neox.layers.{i}."
-        qkv_weight, qkv_bias = fused_qkv(block.attn.c_attn.weight, block.attn.c_attn.bias, heads)
-        pairs = {
-            "input_layernorm": (block.ln_1.weight, block.ln_1.bias),
-            "post_attention_layernorm": (block.ln_2.weight, block.ln_2.bias),
-            "attention.query_key_value": (qkv_weight, qkv_bias),
-            "attention.dense": (block.attn.c_proj.weight.t(), block.attn.c_proj.bias),  # Conv1D: (in, out)
-            "mlp.dense_h_to_4h": (block.mlp.c_fc.weight.t(), block.mlp.c_fc.bias),
-            "mlp.dense_4h_to_h": (block.mlp.c_proj.weight.t(), block.mlp.c_proj.bias),
-        }
-        for name, (weight, bias) in pairs.items():
-            state[prefix + name + ".weight"] = weight
-            state[prefix + name + ".bias"] = bias
+             "gpt_neox.final_layer_norm.weight": gpt2.ln_f.weight, "gpt_neox.final_layer_norm.bias": gpt2.ln_f.bias,
+             **blocks_state(model, heads, "gpt_neox.layers", NEOX_NAMES)}
     return {name: tensor.detach().contiguous() for name, tensor in state.items()}
 
 

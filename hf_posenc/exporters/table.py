@@ -13,7 +13,7 @@ from typing import Callable
 
 from torch import nn
 
-from . import gpt2_neox, llama_rope, bert_roformer
+from . import bert_roformer, gpt2_bloom, gpt2_neox, llama_rope
 
 
 @dataclass(frozen=True)
@@ -32,19 +32,15 @@ NATIVE: dict[tuple[str, str], NativeMapping] = {
     ("gpt2", "rope"): NativeMapping(
         "gpt2", "rope", "GPT-NeoX (GPTNeoXForCausalLM, use_parallel_residual=False)", ("GPT2LMHeadModel",),
         gpt2_neox.refusal, gpt2_neox.build),
+    ("gpt2", "alibi"): NativeMapping(
+        "gpt2", "alibi", "BLOOM (BloomForCausalLM; embedding LayerNorm made an identity up to the mean)",
+        ("GPT2LMHeadModel",), gpt2_bloom.refusal, gpt2_bloom.build),
     ("bert", "rope"): NativeMapping(
         "bert", "rope", "RoFormer (RoFormerForMaskedLM)", ("BertForMaskedLM",), bert_roformer.refusal,
         bert_roformer.build),
 }
 
-NOT_NATIVE: dict[tuple[str, str], str] = {
-    ("gpt2", "alibi"): (
-        "no exact native target: transformers' MPT has no biases at all (bias-free linears, LayerNorms without "
-        "bias, exact-erf GELU where GPT-2 has the tanh one), so GPT-2's query, MLP and final LayerNorm biases cannot "
-        "be expressed (the final one adds W_emb @ beta to the logits, and MPT's lm_head has no bias); BLOOM puts a "
-        "LayerNorm on the word embeddings, which GPT-2 has not and which is not an identity"
-    ),
-}
+NOT_NATIVE: dict[tuple[str, str], str] = {}  # pairs one might expect natively that have no exact target
 
 
 def native_pairs() -> str:
