@@ -132,10 +132,6 @@ for _kernel in (
     register_kernel(_kernel)
 
 
-def method_kind(method) -> str | None:
-    return flex.method_kind(method)
-
-
 def needs_grad(method, query, key, value) -> bool:
     if not torch.is_grad_enabled():
         return False
