@@ -166,9 +166,10 @@ def default_lengths(trained: int) -> list[int]:
     return sorted({max(16, trained // 8), max(16, trained // 2), trained, 2 * trained})
 
 
-def make_plan(args: argparse.Namespace) -> Plan:
+def make_plan(args: argparse.Namespace, family_default: Callable[[Any], Recipe] | None = None) -> Plan:
     """Validate the recipe, options, config keys, lengths and held-out texts before any work starts (the model's
-    own checks, and its disk need, are in :func:`fetch_model`)."""
+    own checks, and its disk need, are in :func:`fetch_model`). ``family_default``: the recipe without
+    ``--method`` for an arch spec (default :func:`family_recipe`; studies pass variants of it)."""
     from .cli import _parse_option
     from .registry import method_class
     from .training import load_config
@@ -184,7 +185,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         method_class(args.method)  # an unknown method fails before the model is read
     positive_lengths(args.eval_lengths, [1])
     spec, trained = model_facts(model)
-    recipe = method_recipe(args.method, options) if args.method else family_recipe(spec)
+    recipe = method_recipe(args.method, options) if args.method else (family_default or family_recipe)(spec)
     if options and not args.method:
         recipe = replace(recipe, options={**recipe.options, **options}, training_free=False, original_inside=False)
     overrides: dict[str, Any] = {**QUICK, **recipe.train} if quick else {}

@@ -51,23 +51,15 @@ def plan_for(row: str, out: str, retrofit_args: str):
     """The retrofit plan of one row (the training-free row: the default recipe's, never fine-tuned)."""
     from hf_posenc import retrofit
 
-    default = retrofit.family_recipe(retrofit.model_facts(_model(retrofit_args))[0])
     overrides = VARIANTS.get(row, {})
-    recipe = replace(default, name=default.name if not overrides else f"{default.name}-{row}",
-                     train={**default.train, **overrides})
-    saved = dict(retrofit.RECIPES)
-    retrofit.RECIPES.update({k: recipe for k, v in saved.items() if v == default})
-    try:
-        return retrofit.make_plan(retrofit.parse_args(["--out", out, *shlex.split(retrofit_args)])), recipe
-    finally:
-        retrofit.RECIPES.update(saved)
 
+    def variant(spec) -> "retrofit.Recipe":
+        default = retrofit.family_recipe(spec)
+        return replace(default, name=default.name if not overrides else f"{default.name}-{row}",
+                       train={**default.train, **overrides})
 
-def _model(retrofit_args: str) -> str:
-    from hf_posenc import retrofit
-
-    flags = shlex.split(retrofit_args)
-    return flags[flags.index("--model") + 1] if "--model" in flags else retrofit.DEFAULT_MODEL
+    plan = retrofit.make_plan(retrofit.parse_args(["--out", out, *shlex.split(retrofit_args)]), variant)
+    return plan, plan.recipe
 
 
 def score_row(row: str, args) -> dict:
