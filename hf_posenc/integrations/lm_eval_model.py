@@ -6,6 +6,10 @@
 ``max_length`` is honoured as given (lm-eval's ``hf`` model would cap it at the config's position limit only
 when unset). A model that still has a learned absolute position table refuses a ``max_length`` past it, and
 any model refuses a bundled-task input longer than ``max_length``, each with a message saying what to pass.
+
+Data parallel: lm-eval's own path (one ``Accelerator``, each process scoring every N-th doc, rank 0 gathering the
+metrics and writing the results), launched by ``accelerate launch --multi_gpu --num_processes N`` or ``torchrun
+--nproc_per_node N``, also on machines without GPUs (gloo), which ``HFLM`` alone runs as N full copies.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import get_dtype
@@ -50,6 +55,7 @@ class HFPosencLM(HFLM):
         self._posenc = (posenc, options, max_position_embeddings)
         if isinstance(pretrained, (str, os.PathLike)):
             pretrained = _resolve(str(pretrained))
+            prepare_cpu_launch()
         try:
             super().__init__(pretrained=pretrained, **kwargs)
         except OSError as err:
@@ -58,6 +64,8 @@ class HFPosencLM(HFLM):
                     f"cannot load {pretrained!r}: it is not a local directory and the model hub gave: {err}"
                 ) from err
             raise
+        if isinstance(pretrained, str):
+            self._join_data_parallel()
         limit = learned_position_limit(self.model)
         if limit is not None and self.max_length > limit:
             raise EvalInputError(
@@ -80,6 +88,7 @@ class HFPosencLM(HFLM):
             if unsupported or kwargs.get("parallelize"):
                 raise EvalInputError(f"{unsupported or ['parallelize']} not supported for converted checkpoints")
             self._model = hf_posenc.from_pretrained(pretrained, dtype=get_dtype(dtype), revision=revision)
+            self._model.to(self.device)  # HFLM places only the models it loads itself under `accelerate launch`
         else:
             super()._create_model(pretrained, dtype=dtype, revision=revision, **kwargs)
             if method is not None:
@@ -88,6 +97,22 @@ class HFPosencLM(HFLM):
             from peft import PeftModel
 
             self._model = PeftModel.from_pretrained(self._model, peft, revision=revision)
+
+    def _join_data_parallel(self) -> None:
+        """Take rank and world size from Accelerate where HFLM does not (it does only when it counts more than one
+        GPU), and refuse a launch whose processes would each score every request."""
+        launched = launched_processes()
+        if launched == 1:
+            return
+        accelerator = getattr(self, "accelerator", None)
+        joined = accelerator.num_processes if accelerator is not None else 1
+        if joined != launched:
+            raise EvalInputError(
+                f"{launched} processes were launched but Accelerate joined {joined} into a process group, so every "
+                f"process would score every request; {LAUNCH_HINT}"
+            )
+        if self._world_size == 1:
+            self._rank, self._world_size = accelerator.process_index, joined
 
     # -- requests ------------------------------------------------------------------------------------------
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
@@ -161,6 +186,36 @@ def learned_position_limit(model: nn.Module) -> int | None:
         return None
 
 
+# --- data parallel -----------------------------------------------------------------------------------------
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # Accelerate reads these
+LAUNCH_HINT = ("launch N data-parallel processes with `accelerate launch --multi_gpu --num_processes N -m "
+               "hf_posenc.cli eval ...` (without GPUs it runs on CPU, gloo) or `torchrun --nproc_per_node N -m "
+               "hf_posenc.cli eval ...`")
+
+
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, ``accelerate launch``, mpirun) started; 1 outside a launch."""
+    for name in WORLD_SIZE_VARS:
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return 1
+
+
+def prepare_cpu_launch() -> None:
+    """Before HFLM creates its ``Accelerator``: without GPUs, Accelerate joins torchrun's (or ``accelerate launch
+    --multi_gpu``'s) processes into a gloo group only when told the run is on CPU, as ``accelerate launch --cpu``
+    tells it; do so. Refuse ``accelerate launch --cpu --num_processes N``, which starts a single process."""
+    if launched_processes() > 1:
+        if not torch.accelerator.is_available():
+            os.environ["ACCELERATE_USE_CPU"] = "true"
+    elif os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and os.environ.get("MASTER_ADDR"):
+        raise EvalInputError(
+            "`accelerate launch --cpu --num_processes N` started one process (Accelerate starts several CPU processes "
+            f"only through mpirun, --mpirun_hostfile); {LAUNCH_HINT}; or, for one process, run without "
+            "--num_processes (or unset MASTER_ADDR)"
+        )
+
+
 # --- Python API --------------------------------------------------------------------------------------------
 def evaluate(model, tokenizer, tasks: Iterable[str] = ("posenc_ppl",), lengths: Iterable[int] = DEFAULT_LENGTHS,
              *, max_length: int | None = None, name: str | None = None, metadata: dict | None = None,
@@ -188,7 +243,7 @@ def evaluate(model, tokenizer, tasks: Iterable[str] = ("posenc_ppl",), lengths: 
     kwargs.setdefault("log_samples", False)
     results = simple_evaluate(model=lm, model_args={"pretrained": name}, tasks=tasks, task_manager=manager,
                               evaluation_tracker=tracker, **kwargs)
-    if tracker is not None:
+    if tracker is not None and results is not None:  # None on all but the first process of a launch
         tracker.save_results_aggregated(results=results, samples=None)
     return results
 
