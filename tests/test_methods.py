@@ -229,3 +229,41 @@ def test_dynamic_yarn_is_the_original_inside_the_trained_context_and_yarn_past_i
     hf_posenc.convert(plain, "rope")
     torch.testing.assert_close(dynamic(x[:, :OLD_LIMIT]).logits, plain(x[:, :OLD_LIMIT]).logits)
     torch.testing.assert_close(dynamic(x).logits, yarn2(x).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mscale", [0.0, 0.5])
+def test_yarn_mscale_on_llama_equals_native_yarn_with_that_attention_factor(mscale):
+    """mscale sets YaRN's cos/sin scale to 0.1 * mscale * ln(factor) + 1: transformers' yarn given that
+    ``attention_factor`` (and not its own 0.1 ln(factor) + 1, which the test would catch: logits differ)."""
+    factor = 4.0
+    native = tiny_model("llama", rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": factor, "original_max_position_embeddings": OLD_LIMIT,
+        "attention_factor": 0.1 * mscale * math.log(factor) + 1.0})
+    model = hf_posenc.convert(tiny_model("llama"), "rope", scaling="yarn", factor=factor, mscale=mscale)
+    yarn = hf_posenc.convert(tiny_model("llama"), "rope", scaling="yarn", factor=factor)
+    x = torch.randint(4, 300, (1, 3 * OLD_LIMIT))
+    torch.testing.assert_close(model(x).logits, native(x).logits, atol=1e-5, rtol=0)
+    assert (model(x).logits - yarn(x).logits).abs().max() > 1e-4  # 10x the tolerance above: the temperature shows
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_dynamic_yarn_mscale_is_yarn_mscale_at_the_inputs_scale(family):
+    """Dynamic YaRN x4 with mscale at 2 L_train: YaRN x2 with the same mscale; inside L_train the unscaled rotary
+    (mscale has no effect at s = 1)."""
+    x = torch.randint(4, 300, (1, 2 * OLD_LIMIT), generator=torch.Generator().manual_seed(0))
+    dynamic = hf_posenc.convert(tiny_model(family), "rope", scaling="dynamic_yarn", factor=4.0, mscale=0.0)
+    yarn2 = hf_posenc.convert(tiny_model(family), "rope", scaling="yarn", factor=2.0, mscale=0.0)
+    default = hf_posenc.convert(tiny_model(family), "rope", scaling="dynamic_yarn", factor=4.0)
+    torch.testing.assert_close(dynamic(x).logits, yarn2(x).logits, atol=1e-5, rtol=0)
+    assert (dynamic(x).logits - default(x).logits).abs().max() > 1e-4
+    torch.testing.assert_close(dynamic(x[:, :OLD_LIMIT]).logits, default(x[:, :OLD_LIMIT]).logits)
+
+
+def test_traced_dynamic_yarn_follows_mscale():
+    """The export path of dynamic YaRN (tensor ops of the length) gives eager's frequencies and cos/sin scale."""
+    method = Rope(RopeOptions(scaling="dynamic_yarn", factor=4.0, mscale=0.3).resolve(shape()), shape())
+    k_pos = torch.arange(3 * 64)[None]  # scale 3 of the shape's 64 trained positions
+    eager, traced = method._row_frequencies(k_pos, None), method._traced_dynamic_yarn(k_pos, None)
+    torch.testing.assert_close(traced[0], eager[0])
+    torch.testing.assert_close(traced[1].float(), eager[1].float())
+    assert eager[1].item() == pytest.approx(0.1 * 0.3 * math.log(3.0) + 1.0)

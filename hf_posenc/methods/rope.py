@@ -10,10 +10,15 @@ factor) for L = the longest position + 1. Inside the trained context s = 1: exac
 pretrained model is unchanged there); past it YaRN x s, up to ``factor``. transformers has no native equivalent, so
 it rotates in attention on every family; cached keys are re-rotated with the current scale, so a cache matches
 the full forward at every length.
+
+``mscale`` sets YaRN's attention temperature (Peng et al. 2023, eq. 22; DeepSeek-V2's ``mscale``): cos and sin are
+scaled by 0.1 * mscale * ln(s) + 1 at scale s, so every logit by its square. YaRN's value is 1 (fitted to LLaMA);
+``hf-posenc retrofit`` fits it to the model on its fine-tune text (docs/extrapolation.md §2c).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +30,13 @@ from .base import (MethodOptions, ModelShape, PositionMethod, PositionTerm, Slot
 
 SCALINGS = ("linear", "dynamic", "yarn", "dynamic_yarn")
 NATIVE_SCALINGS = (None, "linear", "dynamic", "yarn")  # what transformers' own rotary classes compute
+YARN_SCALINGS = ("yarn", "dynamic_yarn")
+
+
+def yarn_attention_factor(scale, mscale: float):
+    """YaRN's cos/sin scale at scale s >= 1 (a float or a tensor): 0.1 * mscale * ln(s) + 1; 1 at s = 1."""
+    log = torch.log(scale) if isinstance(scale, torch.Tensor) else math.log(scale)
+    return 0.1 * mscale * log + 1.0
 
 
 @dataclass
@@ -41,6 +53,10 @@ class RopeOptions(MethodOptions):
     original_max_positions: int | None = help_field(
         None, "context the model was trained at, for scaling; None = the model's position limit before conversion"
     )
+    mscale: float = help_field(
+        1.0, "YaRN's attention temperature: cos/sin scaled by 0.1 * mscale * ln(s) + 1 at scale s (YaRN: 1; 0: none); "
+        "'yarn' / 'dynamic_yarn' only; >= 0"
+    )
 
     def validate(self, shape=None):
         if self.theta is not None:
@@ -53,6 +69,10 @@ class RopeOptions(MethodOptions):
             raise ValueError(f"option 'factor' must be > 1 with scaling={self.scaling!r} (1.0 changes nothing)")
         if self.original_max_positions is not None:
             check_range("original_max_positions", self.original_max_positions, 1, integer=True)
+        check_range("mscale", self.mscale, 0.0)
+        if self.mscale != 1.0 and self.scaling not in YARN_SCALINGS:
+            raise ValueError(f"option 'mscale' is YaRN's attention temperature: give scaling='yarn' or "
+                             f"'dynamic_yarn' with it (got scaling={self.scaling!r})")
         if shape is not None and rotary_dim(shape.head_dim, self.fraction) < 2:
             raise ValueError(f"option 'fraction'={self.fraction} leaves fewer than 2 of {shape.head_dim} dims to rotate")
 
@@ -63,6 +83,7 @@ class RopeOptions(MethodOptions):
             scaling=self.scaling,
             factor=self.factor,
             original_max_positions=self.original_max_positions or shape.original_max_positions,
+            mscale=self.mscale,
         )
 
 
@@ -114,6 +135,8 @@ class Rope(PositionMethod):
         if opts.scaling:
             params["factor"] = float(opts.factor)
             params["original_max_position_embeddings"] = opts.original_max_positions
+        if opts.scaling in YARN_SCALINGS and opts.mscale != 1.0:  # transformers' yarn: 0.1 ln(factor) + 1 unless given
+            params["attention_factor"] = yarn_attention_factor(float(opts.factor), opts.mscale)
         return params
 
     def _inv_freq(self, seq_len: int | None, device=None) -> tuple[torch.Tensor, float]:
@@ -126,7 +149,8 @@ class Rope(PositionMethod):
             if scale == 1.0:  # inside the trained context: the original frequencies, unscaled
                 return self._unscaled_inv_freq(device), 1.0
             config = self._rope_config({**self.native_rope_parameters(), "factor": float(scale)})
-            return ROPE_INIT_FUNCTIONS["yarn"](config, device)
+            inv_freq, _ = ROPE_INIT_FUNCTIONS["yarn"](config, device)  # its attention factor is at `factor`
+            return inv_freq, yarn_attention_factor(scale, opts.mscale)
         init = ROPE_INIT_FUNCTIONS[opts.scaling]
         return init(self.rope_config, device, seq_len=seq_len)
 
@@ -165,7 +189,7 @@ class Rope(PositionMethod):
     def _traced_dynamic_yarn(self, k_pos: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`_row_frequencies` of dynamic YaRN as tensor ops of each row's length, for ``torch.export`` (ONNX),
         where lengths are not Python numbers. YaRN at scale s has inverse frequencies w * (r + (1 - r) / s) for the
-        unscaled w and a ramp r that does not depend on s, and cos/sin scale 0.1 ln s + 1; r is read off
+        unscaled w and a ramp r that does not depend on s, and cos/sin scale 0.1 mscale ln s + 1; r is read off
         transformers' YaRN at ``factor``. At s = 1 this is the unscaled rotary, as in eager."""
         factor = float(self.options.factor)
         unscaled = self._unscaled_inv_freq(device)  # (rot_dim/2,)
@@ -174,7 +198,7 @@ class Rope(PositionMethod):
         lengths = (k_pos.amax(dim=-1) + 1).float()  # (P',)
         scale = (lengths / self.options.original_max_positions).clamp(1.0, factor)[:, None]  # (P', 1)
         inv_freq = unscaled * (ramp + (1.0 - ramp) / scale)  # (P', rot_dim/2)
-        return inv_freq, (0.1 * torch.log(scale) + 1.0).reshape(-1, 1, 1, 1)
+        return inv_freq, yarn_attention_factor(scale, self.options.mscale).reshape(-1, 1, 1, 1)
 
     def rotate(self, q, k, q_pos, k_pos):
         return self.rotate_queries(q, q_pos, k_pos), self.rotate_keys(k, k_pos)
