@@ -2,20 +2,21 @@
 
 Kernels live in :data:`KERNELS`, keyed by name (as transformers' ``AttentionInterface`` keys attention functions),
 each with the capability it needs of a method's declared :class:`~hf_posenc.methods.base.PositionTerm`:
-``"eager"`` (anything: the only one for attention weights and for content terms other than a clipped one); ``"sdpa"`` (one shared float mask:
-any position-only term); the query-block SDPA kernels of :mod:`.sdpa`: ``"sdpa-windowed"`` (a ``linear``
-distance bias: ALiBi), ``"sdpa-banded"`` (a ``banded`` distance bias: T5, inference), ``"sdpa-blocked"`` (any bias
-that depends only on the distance); ``"flex"`` (no bias, or a linear / banded one); ``"shaw-banded"`` (a
-``clipped`` content term: Shaw, inference; :mod:`.shaw_banded`). A bias that depends on the query and key positions
-themselves (FIRE) runs ``sdpa`` or ``eager``. The ``auto`` rules below come from the CPU measurements in
-docs/performance.md (GPT-2 shape: 12 heads of 64, fp32, torch 2.13):
+``"eager"`` (anything: the only one for attention weights and for content terms other than a clipped one);
+``"sdpa"`` (one shared float mask: any position-only term); the query-block SDPA kernels of :mod:`.sdpa`:
+``"sdpa-windowed"`` (a ``linear`` distance bias: ALiBi), ``"sdpa-banded"`` (a ``banded`` distance bias: T5,
+inference), ``"sdpa-blocked"`` (any bias that depends only on the distance); ``"flex"`` (no bias, or a linear /
+banded one); ``"shaw-banded"`` (a ``clipped`` content term: Shaw, inference; :mod:`.shaw_banded`). A bias that
+depends on the query and key positions themselves (FIRE) runs ``sdpa`` or ``eager``. The ``auto`` rules below come
+from the CPU measurements in docs/performance.md (GPT-2 shape: 12 heads of 64, fp32, torch 2.13):
 
-1. attention weights requested -> ``eager`` (any backend); a method with a content term (Shaw, Transformer-XL):
-   a. a clipped one (Shaw) on CPU, ``auto``, at least ``SHAW_BANDED_MIN_QUERIES`` queries, plain positions, no
-      mask (causal or full; no padding, and not a maskless 1 < Lq < Lk call), no dropout, no autograd ->
-      ``shaw-banded``;
-   b. otherwise (any backend: padding, training, decode steps, short inputs, Transformer-XL) -> ``eager``;
-   positions other than key indices (explicit ids with gaps, packed rows, static caches) -> ``sdpa``;
+1. attention weights requested -> ``eager`` (any backend);
+   a. a clipped content term (Shaw), ``auto``, CPU, at least ``SHAW_BANDED_MIN_QUERIES`` queries, plain positions,
+      no mask (causal or full: no padding, and not a maskless 1 < Lq < Lk call), no dropout, no autograd ->
+      ``shaw-banded`` (measured: eager is as fast below 256 queries and on decode steps);
+   b. any other call with a content term (padding, training, decode steps, short inputs, other backends,
+      Transformer-XL) -> ``eager``;
+   c. positions other than key indices (explicit ids with gaps, packed rows, static caches) -> ``sdpa``;
 2. no position bias (RoPE, xPos, NoPE, sinusoidal, learned) -> ``sdpa``: the native kernel (``is_causal`` when
    unpadded);
 3. a distance bias (ALiBi, T5) on a causal model with at least ``BLOCKED_MIN_QUERIES`` queries:

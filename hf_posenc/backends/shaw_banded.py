@@ -48,16 +48,17 @@ def near_part(q, k, v, a_k, a_v, scaling: float, causal: bool):
     for t in range(rows):
         d = t - reach
         lo, hi = _rows_at(d, offset, q_len, k_len)
-        spans.append((t, lo, hi, slice(offset + lo + d, offset + hi + d)))
-        if lo < hi:  # the keys at distance d of rows [lo, hi): one diagonal
-            scores[:, :, lo:hi, t] = (q[:, :, lo:hi] * k[:, :, spans[-1][3]]).sum(-1) + per_distance[:, :, lo:hi, t]
+        keys = slice(offset + lo + d, offset + hi + d)  # the keys at distance d of rows [lo, hi): one diagonal
+        spans.append((t, lo, hi, keys))
+        if lo < hi:
+            scores[:, :, lo:hi, t] = torch.linalg.vecdot(q[:, :, lo:hi], k[:, :, keys]) + per_distance[:, :, lo:hi, t]
     scores = scores.mul_(scaling)
     lse = scores.logsumexp(-1)  # (B, H, Lq)
     probs = scores.sub_(lse[..., None]).exp_()  # (B, H, Lq, rows), 0 where there is no key
     out = probs @ a_v[:rows]  # the value term
     for t, lo, hi, keys in spans:
         if lo < hi:
-            out[:, :, lo:hi] += probs[:, :, lo:hi, t, None] * v[:, :, keys]
+            out[:, :, lo:hi].addcmul_(probs[:, :, lo:hi, t, None], v[:, :, keys])
     return out, lse
 
 
