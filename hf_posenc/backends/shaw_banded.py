@@ -35,12 +35,12 @@ def _rows_at(distance: int, offset: int, q_len: int, k_len: int) -> tuple[int, i
     return max(0, -offset - distance), min(q_len, k_len - offset - distance)
 
 
-def near_part(q, k, v, a_k, a_v, scaling: float, causal: bool):
+def near_part(q, k, v, a_k, a_v, reach: int, scaling: float, causal: bool):
     """Exact attention over each row's near keys |j - i| <= R (causal: j <= i), key and value terms included.
     q (B,H,Lq,D), k / v (B,H,Lk,D), a_k / a_v (T,D), float32. Returns (out (B,H,Lq,D) normalised over the near keys,
     lse (B,H,Lq)); every row has a near key (its own)."""
     q_len, k_len = q.shape[2], k.shape[2]
-    offset, reach = k_len - q_len, (a_k.shape[0] - 1) // 2
+    offset = k_len - q_len
     rows = reach + 1 if causal else 2 * reach + 1  # table rows t = distance + R in use
     per_distance = q @ a_k[:rows].T  # (B, H, Lq, rows): q_i . a^K_t
     scores = torch.full_like(per_distance, float("-inf"))
@@ -98,7 +98,7 @@ def far_part(q, k, v, offset: int, reach: int, scaling: float):
 def shaw_banded_attention(query, key, value, a_k, a_v, reach: int, scaling: float, causal: bool) -> torch.Tensor:
     """Shaw attention, exact, without an (Lq, Lk) tensor. query (B,H,Lq,D), key / value (B,Hkv,Lk,D) (queries are
     the last Lq keys; causal or full, no mask), a_k / a_v (2R+1, D) the layer's tables, R = ``reach``. Returns
-    (B, Lq, H, D)."""
+    (B, Lq, H, D). Builds no autograd graph: inference only (dispatch picks it only without autograd)."""
     if a_k.shape[0] != 2 * reach + 1 or a_v.shape[0] != 2 * reach + 1:
         raise ValueError(f"Shaw tables of {a_k.shape[0]} / {a_v.shape[0]} rows for reach {reach}: need {2 * reach + 1}")
     dtype, groups = query.dtype, query.shape[1] // key.shape[1]
@@ -108,11 +108,11 @@ def shaw_banded_attention(query, key, value, a_k, a_v, reach: int, scaling: floa
             k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
         a_k, a_v = a_k.detach().float(), a_v.detach().float()
         offset = k.shape[2] - q.shape[2]
-        out, lse = near_part(q, k, v, a_k, a_v, scaling, causal)
+        out, lse = near_part(q, k, v, a_k, a_v, reach, scaling, causal)
         edges = (q @ a_k[[0, -1]].T).mul_(scaling)  # (B, H, Lq, 2): f_i of each row, far left / far right
         left, left_lse = far_part(q, k, v, offset, reach, scaling)
         out, lse = merge(out, lse, left + a_v[0], left_lse + edges[..., 0])
-        if not causal:  # far right: the far left of the reversed sequence (query r is then at key index Lq-1-r)
+        if not causal:  # far right: the far left of the reversed sequence (query row r_ there at key index r_)
             right, right_lse = far_part(q.flip(2), k.flip(2), v.flip(2), 0, reach, scaling)
             out, _ = merge(out, lse, right.flip(2) + a_v[-1], right_lse.flip(2) + edges[..., 1])
     return out.to(dtype).transpose(1, 2).contiguous()
