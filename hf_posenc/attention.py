@@ -6,7 +6,8 @@ a reference to its method in ``module._posenc_method`` (set by :func:`hf_posenc.
 eager) and the call pick the kernel (:func:`hf_posenc.backends.dispatch.choose_kernel`); the kernels live in
 :mod:`hf_posenc.backends`.
 The ``sdpa`` kernel uses one float mask (bias + padding/causal) per forward, shared by all layers; eager runs when the
-caller asked for attention weights (they then include the position bias) or the method needs probabilities.
+caller asked for attention weights (they then include the position bias) or the method needs probabilities (Shaw's
+long inference calls under ``auto`` run ``shaw-banded`` instead).
 """
 
 from __future__ import annotations

@@ -258,7 +258,9 @@ def test_auto_rules():
     alibi, t5 = converted("gpt2", "alibi"), converted("gpt2", "t5")
     with torch.no_grad():
         assert kernels_for(alibi, long, output_attentions=True) == {"eager"}  # 1. weights requested
-        assert kernels_for(converted("gpt2", "shaw"), long) == {"eager"}  # 1. Shaw needs the probabilities
+        assert kernels_for(converted("gpt2", "shaw"), long) == {"shaw-banded"}  # 1a. Shaw's clipped terms
+        assert kernels_for(converted("gpt2", "shaw"), short) == {"eager"}  # 1b. short
+        assert kernels_for(converted("gpt2", "transformer_xl"), long) == {"eager"}  # 1b. needs the probabilities
         assert kernels_for(converted("gpt2", "rope"), long) == {"sdpa"}  # 2. no bias: native kernel
         assert kernels_for(alibi, long) == {"sdpa-windowed"}  # 3a
         assert kernels_for(alibi, padded, attention_mask=mask) == {"sdpa-blocked"}  # 3c: padding

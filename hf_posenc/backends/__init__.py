@@ -16,7 +16,8 @@ position method (read by the attention function on every call):
   dropout, a method without a flex ``score_mod``, a custom float mask).
 - ``"eager"``: explicit softmax attention.
 Every backend falls back to eager when attention weights are requested (``output_attentions=True``) or the method
-needs the probabilities (Shaw).
+needs the probabilities (Transformer-XL; Shaw, except for the long inference calls ``"auto"`` gives its
+``"shaw-banded"`` kernel, :mod:`.shaw_banded`, which never builds an (H, L, L) tensor).
 
 This module stays light (no torch.compile import); the kernels live in :mod:`.sdpa`, :mod:`.flex`, :mod:`.eager`.
 """

@@ -2,15 +2,21 @@
 
 Kernels live in :data:`KERNELS`, keyed by name (as transformers' ``AttentionInterface`` keys attention functions),
 each with the capability it needs of a method's declared :class:`~hf_posenc.methods.base.PositionTerm`:
-``"eager"`` (anything: the only one for content terms and attention weights); ``"sdpa"`` (one shared float mask:
-any position-only term); the query-block SDPA kernels of :mod:`.sdpa`: ``"sdpa-windowed"`` (a ``linear``
-distance bias: ALiBi), ``"sdpa-banded"`` (a ``banded`` distance bias: T5, inference), ``"sdpa-blocked"`` (any bias
-that depends only on the distance); ``"flex"`` (no bias, or a linear / banded one). A bias that depends on the
-query and key positions themselves (FIRE) runs ``sdpa`` or ``eager``. The ``auto`` rules below come from the CPU
-measurements in docs/performance.md (GPT-2 shape: 12 heads of 64, fp32, torch 2.13):
+``"eager"`` (anything: the only one for attention weights and for content terms other than a clipped one);
+``"sdpa"`` (one shared float mask: any position-only term); the query-block SDPA kernels of :mod:`.sdpa`:
+``"sdpa-windowed"`` (a ``linear`` distance bias: ALiBi), ``"sdpa-banded"`` (a ``banded`` distance bias: T5,
+inference), ``"sdpa-blocked"`` (any bias that depends only on the distance); ``"flex"`` (no bias, or a linear /
+banded one); ``"shaw-banded"`` (a ``clipped`` content term: Shaw, inference; :mod:`.shaw_banded`). A bias that
+depends on the query and key positions themselves (FIRE) runs ``sdpa`` or ``eager``. The ``auto`` rules below come
+from the CPU measurements in docs/performance.md (GPT-2 shape: 12 heads of 64, fp32, torch 2.13):
 
-1. attention weights requested, or a method with a content term (Shaw, Transformer-XL) -> ``eager`` (any backend);
-   positions other than key indices (explicit ids with gaps, packed rows, static caches) -> ``sdpa``;
+1. attention weights requested -> ``eager`` (any backend);
+   a. a clipped content term (Shaw), ``auto``, CPU, at least ``SHAW_BANDED_MIN_QUERIES`` queries, plain positions,
+      no mask (causal or full: no padding, and not a maskless 1 < Lq < Lk call), no dropout, no autograd ->
+      ``shaw-banded`` (measured: eager is as fast below 256 queries and on decode steps);
+   b. any other call with a content term (padding, training, decode steps, short inputs, other backends,
+      Transformer-XL) -> ``eager``;
+   c. positions other than key indices (explicit ids with gaps, packed rows, static caches) -> ``sdpa``;
 2. no position bias (RoPE, xPos, NoPE, sinusoidal, learned) -> ``sdpa``: the native kernel (``is_causal`` when
    unpadded);
 3. a distance bias (ALiBi, T5) on a causal model with at least ``BLOCKED_MIN_QUERIES`` queries:
@@ -35,10 +41,11 @@ import torch
 
 from ..attention_kwargs import CallSemantics
 from ..methods.base import PositionTerm
-from . import flex, sdpa
+from . import flex, sdpa, shaw_banded
 
 BLOCKED_MIN_QUERIES = 512  # below: the shared (1, H, Lq, Lk) bias is as fast and small enough
 WINDOWED_MIN_QUERIES = 512
+SHAW_BANDED_MIN_QUERIES = 256  # below (and decode steps): eager's (B, H, Lq, Lk) is small and as fast
 
 
 @dataclass
@@ -115,6 +122,12 @@ def _blocked(call: KernelCall):
                                   call.dropout, gqa), None
 
 
+def _shaw_banded(call: KernelCall):
+    a_k, a_v = call.method.relative_tables(call.module.layer_idx)
+    return shaw_banded.shaw_banded_attention(call.query, call.key, call.value, a_k, a_v, call.method.content_reach(),
+                                             call.scaling, call.causal), None
+
+
 def _flex(call: KernelCall):
     out = flex.flex_attention(call.method, call.query, call.key, call.value, call.attention_mask, call.scaling,
                               call.causal)
@@ -128,6 +141,7 @@ for _kernel in (
     Kernel("sdpa-windowed", lambda term: term.bias_form == "linear", _windowed),
     Kernel("sdpa-banded", lambda term: term.bias_form == "banded", _banded),
     Kernel("flex", lambda term: not term.content and (term.bias is None or term.bias_form is not None), _flex),
+    Kernel("shaw-banded", lambda term: term.content_form == "clipped", _shaw_banded),
 ):
     register_kernel(_kernel)
 
@@ -145,11 +159,13 @@ def choose_kernel(backend: str, method, query, key, value, attention_mask, causa
     """The kernel for one call (see the module doc for the ``auto`` rules). ``plain_positions``: the positions are
     key indices (one row, consecutive, queries last); the query-block and flex kernels assume it, so other
     positions (explicit ids with gaps, packing, per-row offsets, a static cache's capacity) take ``sdpa``."""
-    if weights_requested or backend == "eager" or not can_run("sdpa", method):
+    if weights_requested or backend == "eager":
         return "eager"
+    grad = needs_grad(method, query, key, value)
+    if not can_run("sdpa", method):  # a content term
+        return content_kernel(backend, method, query, key, attention_mask, causal, dropout, grad, plain_positions)
     if backend == "sdpa" or not plain_positions:
         return "sdpa"
-    grad = needs_grad(method, query, key, value)
     if backend == "flex":
         return "flex" if can_run("flex", method) and flex.supports(method, query, key, attention_mask, dropout,
                                                                   grad) else "sdpa"
@@ -167,3 +183,15 @@ def choose_kernel(backend: str, method, query, key, value, attention_mask, causa
         if can_run("sdpa-blocked", method):
             return "sdpa-blocked"
     return "sdpa"
+
+
+def content_kernel(backend: str, method, query, key, attention_mask, causal: bool, dropout: float, grad: bool,
+                   plain_positions: bool) -> str:
+    """Rule 1 for a content term: ``shaw-banded`` where it expresses the call, else ``eager``."""
+    if (
+        backend == "auto" and can_run("shaw-banded", method) and plain_positions and attention_mask is None
+        and query.shape[2] >= SHAW_BANDED_MIN_QUERIES and not dropout and not grad
+        and shaw_banded.supports(query, key, causal)
+    ):
+        return "shaw-banded"
+    return "eager"

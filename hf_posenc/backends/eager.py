@@ -1,5 +1,6 @@
-"""Eager backend: explicit softmax attention. The only kernel that returns the probabilities and applies Shaw's
-key/value terms; every backend uses it for ``output_attentions=True``."""
+"""Eager backend: explicit softmax attention. The only kernel that returns the probabilities, and the general one for
+content terms (Shaw's, Transformer-XL's; :mod:`.shaw_banded` runs Shaw's long inference calls); every backend uses
+it for ``output_attentions=True``."""
 
 from __future__ import annotations
 

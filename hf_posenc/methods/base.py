@@ -148,7 +148,10 @@ class PositionTerm:
       the method provides ``slopes(device) -> (H,)``) or ``"banded"`` (constant beyond a reach R; the method
       provides ``bias_reach() -> R`` and ``distance_table(reach, dtype) -> (H, 2R+1)``).
     - ``content``: ``key_term(q, k, layer, q_pos, k_pos)`` / ``value_term(probs, layer, q_pos, k_pos)`` depend on
-      q / k / the probabilities (Shaw, Transformer-XL): only the eager kernel runs them.
+      q / k / the probabilities (Shaw, Transformer-XL): the eager kernel runs them.
+    - ``content_form``: a content term of a special shape that a dedicated kernel exploits: ``"clipped"`` (Shaw:
+      both terms index per-layer (2R+1, D) tables by clip(k_pos - q_pos, -R, R) + R, so they are constant beyond
+      the reach R; the method provides ``content_reach() -> R`` and ``relative_tables(layer_idx) -> (a^K, a^V)``).
     """
 
     rotation: bool = False
@@ -156,15 +159,20 @@ class PositionTerm:
     bias: str | None = None
     bias_form: str | None = None
     content: bool = False
+    content_form: str | None = None
 
     BIASES: ClassVar[tuple[str, ...]] = ("distance", "positions")
     FORMS: ClassVar[tuple[str, ...]] = ("linear", "banded")
+    CONTENT_FORMS: ClassVar[tuple[str, ...]] = ("clipped",)
 
     def __post_init__(self):
         if self.bias not in (None, *self.BIASES):
             raise ValueError(f"PositionTerm.bias must be one of {[None, *self.BIASES]}, got {self.bias!r}")
         if self.bias_form not in (None, *self.FORMS) or (self.bias_form and self.bias != "distance"):
             raise ValueError(f"PositionTerm.bias_form {self.bias_form!r} needs bias='distance' and one of {self.FORMS}")
+        if self.content_form not in (None, *self.CONTENT_FORMS) or (self.content_form and not self.content):
+            raise ValueError(f"PositionTerm.content_form {self.content_form!r} needs content=True and one of "
+                             f"{self.CONTENT_FORMS}")
 
     @property
     def kind(self) -> str:

@@ -33,7 +33,7 @@ class ShawTables(nn.Module):
 class Shaw(PositionMethod):
     name = "shaw"
     Options = ShawOptions
-    term = PositionTerm(content=True)
+    term = PositionTerm(content=True, content_form="clipped")
 
     def __init__(self, options: ShawOptions, shape: ModelShape):
         super().__init__(options, shape)
@@ -48,6 +48,15 @@ class Shaw(PositionMethod):
             return ((k_pos[:, None, :] - q_pos[:, :, None]).clamp(-r, r) + r)[:, None]
 
         return self.shared(("shaw_index", tuple(q_pos.shape), tuple(k_pos.shape), k_pos.device), build)
+
+    def content_reach(self) -> int:
+        """R: pairs farther apart than R share the edge table entries (the ``"clipped"`` content form)."""
+        return self.options.max_distance
+
+    def relative_tables(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a^K, a^V), each (2R+1, D), of one layer; row t is distance t - R."""
+        tables = self.layers[layer_idx]
+        return tables.keys, tables.values
 
     def key_term(self, q, k, layer_idx, q_pos, k_pos):
         # q (B,H,Lq,D) @ a^K (D, 2R+1) -> (B,H,Lq,2R+1), then pick each pair's distance -> (B,H,Lq,Lk)
