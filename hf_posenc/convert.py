@@ -287,11 +287,13 @@ class _EmbedBeforeFirstLayer:
 
 # ---------------------------------------------------------------------------------------------------------
 def from_pretrained(path: str | os.PathLike, *, model_class: type[PreTrainedModel] | None = None,
-                    **kwargs: Any) -> PreTrainedModel:
+                    posenc_options: dict[str, Any] | None = None, **kwargs: Any) -> PreTrainedModel:
     """Load a model saved after :func:`convert` (``save_pretrained``), with the same weights and logits.
 
     ``model_class``: the transformers class to build (default: the saved ``config.architectures``), e.g.
     ``GPT2Model`` for the base model of a ``GPT2LMHeadModel`` checkpoint.
+    ``posenc_options``: method options that replace the saved ones for this load (``{"mscale": 0.5}``, a RoPE
+    scaling ``factor``); one that changes the shape of the method's saved tables is refused.
     ``kwargs`` go to transformers' ``from_pretrained`` (``dtype``, ``device_map``, ``output_loading_info``, ...);
     those that are config attributes (``num_labels=5``) go to the config, as transformers does. Weights missing
     from the checkpoint (or unexpected, or mismatched) are warned about, as transformers does, except the ones
@@ -308,6 +310,8 @@ def from_pretrained(path: str | os.PathLike, *, model_class: type[PreTrainedMode
             "from_pretrained and call hf_posenc.convert(model, method)."
         )
     posenc = PosEncConfig.from_dict(stored, saved=True)
+    if posenc_options:
+        posenc = _with_options(posenc, posenc_options)
     arch_for(config)
     model_class = model_class or _model_class(config)
     _apply_config_overrides(config, kwargs)
@@ -326,6 +330,14 @@ def from_pretrained(path: str | os.PathLike, *, model_class: type[PreTrainedMode
     info = _unexplained_keys(info, explained=before ^ after, prefix=model.base_model_prefix + ".")
     _warn_about_keys(model, path, info)
     return (model, info) if output_loading_info else model
+
+
+def _with_options(posenc: PosEncConfig, options: dict[str, Any]) -> PosEncConfig:
+    """The saved config with ``options`` replacing its method options (validated as convert validates them)."""
+    try:
+        return PosEncConfig(**{**posenc.to_dict(), "options": {**posenc.options, **options}})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"posenc_options: {err}") from None
 
 
 # transformers' from_pretrained arguments that are also config attributes: they stay from_pretrained's
@@ -441,6 +453,10 @@ def _load_tensors(model: nn.Module, path, keys: list[str], hub_kwargs: dict) -> 
     if missing:
         raise ValueError(f"{path} lacks the position-method weights {missing}; was it saved after convert()?")
     reference = dict(model.state_dict())
+    wrong = {k: (tuple(t.shape), tuple(reference[k].shape)) for k, t in state.items() if t.shape != reference[k].shape}
+    if wrong:
+        raise ValueError(f"{path}: the saved position-method weights do not fit the method's options (saved, "
+                         f"expected shapes: {wrong}); load it with the options it was saved with")
     with torch.no_grad():
         for key, tensor in state.items():
             reference[key].copy_(tensor)

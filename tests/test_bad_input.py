@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from tiny_models import tiny_model
+from tiny_models import OLD_LIMIT, tiny_model
 
 import hf_posenc
 
@@ -136,3 +136,28 @@ def test_posenc_config_object_is_accepted_once():
     assert model.config.posenc["options"]["factor"] == 2.0
     with pytest.raises(TypeError, match="not both"):
         hf_posenc.convert(tiny_model("gpt2"), config, factor=3.0)
+
+
+def test_from_pretrained_posenc_options_replace_the_saved_ones(tmp_path):
+    """A saved Dynamic YaRN model reloaded with another mscale is that model converted with it; the saved
+    checkpoint is not changed."""
+    x = torch.randint(4, 300, (1, 2 * OLD_LIMIT))
+    hf_posenc.convert(tiny_model("llama"), "rope", scaling="dynamic_yarn", factor=4.0).save_pretrained(tmp_path)
+    before = (tmp_path / "config.json").read_text()
+    reloaded = hf_posenc.from_pretrained(tmp_path, posenc_options={"mscale": 0.0})
+    expected = hf_posenc.convert(tiny_model("llama"), "rope", scaling="dynamic_yarn", factor=4.0, mscale=0.0)
+    assert reloaded.config.posenc["options"]["mscale"] == 0.0
+    torch.testing.assert_close(reloaded(x).logits, expected(x).logits)
+    assert (tmp_path / "config.json").read_text() == before
+
+
+@pytest.mark.parametrize("method, saved, options, message", [
+    ("rope", {}, {"mscalee": 1.0}, "posenc_options: unknown option(s) ['mscalee'] for method 'rope'"),
+    ("rope", {}, {"mscale": 0.5}, "posenc_options: option 'mscale' is YaRN's attention temperature"),
+    ("shaw", {"max_distance": 8}, {"max_distance": 4}, "do not fit the method's options"),
+])
+def test_from_pretrained_bad_posenc_options_are_named(tmp_path, method, saved, options, message):
+    hf_posenc.convert(tiny_model("gpt2"), method, **saved).save_pretrained(tmp_path)
+    with pytest.raises(ValueError) as err:
+        hf_posenc.from_pretrained(tmp_path, posenc_options=options)
+    assert message in str(err.value)
