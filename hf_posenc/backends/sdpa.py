@@ -16,6 +16,8 @@ Shapes: B batch, H heads, Hkv key/value heads, Lq/Lk query/key length (queries a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -309,8 +311,13 @@ def t5_banded_attention(method, query, key, value, scaling: float, rows: int = B
     ``max_distance`` on). Query block [a, a+C) runs as two mask-free-or-small calls merged by log-sum-exp:
     the band, keys [a - W, a + C) with W = R rounded up to C (one batched call for all blocks, one shared
     (H, C, C + W) bias), and the far keys [0, a - W), whose bias is the per-head constant: no mask at all, its
-    log-sum-exp shifted by that constant. Inference only (CPU flash kernel for the log-sum-exps). Returns
-    (B, Lq, H, D)."""
+    log-sum-exp shifted by that constant. CPU flash kernel for the log-sum-exps. Returns
+    (B, Lq, H, D). With autograd: :func:`t5_banded_train_attention`."""
+    if torch.is_grad_enabled() and (
+        query.requires_grad or key.requires_grad or value.requires_grad
+        or any(p.requires_grad for p in method.parameters())
+    ):
+        return t5_banded_train_attention(method, query, key, value, scaling)
     batch, heads, q_len, dim = query.shape
     k_len = key.shape[2]
     offset = k_len - q_len
@@ -365,3 +372,213 @@ def t5_banded_attention(method, query, key, value, scaling: float, rows: int = B
 def can_band(method, query) -> bool:
     """The banded kernel (for a method declaring a banded bias) needs the CPU flash kernel."""
     return _flash_cpu is not None and query.device.type == "cpu"
+
+
+# ---- banded T5 path (training) -----------------------------------------------------------------------------
+# Query-block rows of the trainable band. The band's matmuls cover C + R keys per query for R useful ones, so
+# small blocks waste less; below 64 the batched matmuls get too small (docs/performance.md).
+TRAIN_BAND_ROWS = 64
+
+
+@dataclass(frozen=True)
+class BandLayout:
+    """Where the trainable banded kernel's pieces lie, for Lq queries that are the last Lq of Lk keys.
+
+    Every query at position p (= offset + its index) splits its keys in two: the *band*, distances p - j in
+    [0, R), and the *far* keys, distance >= R, whose bias is one constant per head.
+    - Band: q is padded in front to ``blocks`` x C rows (``q_pad`` zero rows), k / v to ``k_pad`` + Lk rows;
+      query block m attends the padded keys [start + m*C, start + m*C + C + R). Every block sees the same
+      distances (row r, column c: d = r + R - c), so one (H, C, C + R) bias serves all blocks; the padded keys a
+      block's window reaches are hidden per block (:meth:`hidden_keys`).
+    - Far: ``far`` lists flash calls (first query, first key, end key, causal): the far keys of query i are
+      [0, offset + i - R], a shifted causal staircase; the CPU flash kernel's causal mask is top-left aligned,
+      so queries [R - offset, Lq) against keys [0, Lk - R) is one square causal call when offset <= R; with more
+      cached keys, keys [0, offset - R) are far for every query (one unmasked call) and the rest one square
+      causal call.
+    """
+
+    rows: int
+    reach: int
+    blocks: int
+    q_pad: int
+    k_pad: int
+    start: int
+    far: tuple[tuple[int, int, int, bool], ...]
+
+    def hidden_keys(self, block: int) -> int:
+        """How many leading columns of block ``block``'s window are padding (0 from some block on)."""
+        return max(0, self.k_pad - self.start - block * self.rows)
+
+
+def band_layout(q_len: int, k_len: int, rows: int, reach: int) -> BandLayout:
+    offset = k_len - q_len
+    blocks = -(-q_len // rows)
+    q_pad = blocks * rows - q_len
+    k_pad = max(0, reach + q_pad - offset)
+    start = offset - q_pad - reach + k_pad  # >= 0; window m ends at start + (m + 1) * C + R <= k_pad + Lk
+    if offset <= reach:
+        first = reach - offset
+        far = ((first, 0, k_len - reach, True),) if first < q_len else ()
+    else:
+        far = ((0, 0, offset - reach, False), (0, offset - reach, k_len - reach, True))
+    return BandLayout(rows, reach, blocks, q_pad, k_pad, start, far)
+
+
+def t5_band_bias(method, rows: int, reach: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(band (H, C, C + R), far (H,)), differentiable in the method's table: the band bias of a query block
+    (row r, column c: distance d = r + R - c; dtype-min outside [0, R): future keys and far keys), and the
+    per-head bias at distances >= the method's reach (the far constant)."""
+    positions = torch.arange(rows + reach, device=method_device(method))
+    q_pos, k_pos = positions[reach:], positions  # d = q - k = r + R - c
+    bias = method.score_bias(q_pos[None], k_pos[None])[0].to(dtype)  # (H, C, C + R)
+    distance = q_pos[:, None] - k_pos[None, :]
+    band = torch.where((distance >= 0) & (distance < reach), bias, torch.finfo(dtype).min)
+    far_pos = torch.tensor([method.bias_reach()], device=positions.device)
+    far = method.score_bias(far_pos[None], far_pos[None] * 0)[0, :, 0, 0].to(dtype)  # (H,)
+    return band, far
+
+
+def method_device(method) -> torch.device:
+    return next(method.parameters()).device
+
+
+def _band_windows(x: torch.Tensor, layout: BandLayout) -> torch.Tensor:
+    """(B, H, k_pad + Lk, D) padded keys / values -> (B*H, blocks, C + R, D), overlapping windows (a view)."""
+    return _strided(x, layout.start, layout.blocks, layout.rows, layout.rows + layout.reach)
+
+
+def _hide_padding(scores: torch.Tensor, layout: BandLayout) -> None:
+    """Scores (B*H, blocks, C, C + R): padded keys -> dtype-min, in place (only the first blocks reach any)."""
+    for m in range(layout.blocks):
+        hidden = layout.hidden_keys(m)
+        if hidden == 0:
+            break
+        scores[:, m, :, :hidden] = torch.finfo(scores.dtype).min
+
+
+def _band_forward(qp, kp, vp, band, layout: BandLayout, scaling: float):
+    """Band attention of all query blocks in batched matmuls. qp (B, H, blocks*C, D), kp / vp padded keys.
+    Returns (out (B, H, blocks*C, D), lse (B, H, blocks*C), probs (B*H, blocks, C, C + R)), probs normalised
+    within the band."""
+    batch, heads, rows_total, dim = qp.shape
+    qb = qp.view(batch * heads, layout.blocks, layout.rows, dim)
+    scores = torch.matmul(qb, _band_windows(kp, layout).transpose(-1, -2)).mul_(scaling)  # (B*H, n, C, C + R)
+    scores.view(batch, heads, *scores.shape[1:]).add_(band[None, :, None])
+    _hide_padding(scores, layout)
+    lse = torch.logsumexp(scores, dim=-1)  # (B*H, n, C); every real row has its own key (d = 0)
+    probs = scores.sub_(lse[..., None]).exp_()
+    out = torch.matmul(probs, _band_windows(vp, layout))  # (B*H, n, C, D)
+    return out.view(batch, heads, rows_total, dim), lse.view(batch, heads, rows_total), probs
+
+
+def _add_windows(target: torch.Tensor, grad: torch.Tensor, layout: BandLayout) -> None:
+    """target (B, H, k_pad + Lk, D) += the window gradients grad (B*H, blocks, C + R, D): column chunk t (C wide)
+    of every window lands on disjoint key ranges, one strided add per chunk."""
+    rows, size = layout.rows, layout.rows + layout.reach
+    for t in range(0, size, rows):
+        width = min(rows, size - t)
+        _strided(target, layout.start + t, layout.blocks, rows, width).add_(grad[:, :, t : t + width])
+
+
+def _merge(near_out, near_lse, far_parts):
+    """Log-sum-exp merge. near (B, H, Lq, D) / (B, H, Lq); far_parts [(first query, out, lse incl. the far
+    constant)]. Returns (out (B, H, Lq, D), lse (B, H, Lq), near weight (B, H, Lq), far weights [(B, H, Lq')])."""
+    lse = near_lse.clone()
+    for first, _, part_lse in far_parts:
+        lse[..., first:] = torch.logaddexp(lse[..., first:], part_lse)
+    near_weight = (near_lse - lse).exp_()
+    out = near_out * near_weight[..., None].to(near_out.dtype)
+    far_weights = []
+    for first, part_out, part_lse in far_parts:
+        weight = (part_lse - lse[..., first:]).exp_()
+        out[..., first:, :] += part_out * weight[..., None].to(out.dtype)
+        far_weights.append(weight)
+    return out, lse, near_weight, far_weights
+
+
+class _BandedT5(torch.autograd.Function):
+    """Training path of the banded kernel. Forward without an autograd graph; backward from the merged output and
+    log-sum-exp (as flash attention's): the band by batched matmuls (its scores' gradient is also the band bias'),
+    the far calls by the CPU flash backward kernel, fed the merged output and the merged log-sum-exp minus the far
+    constant (so it recomputes the far probabilities of the full softmax). The far constant's gradient per head:
+    sum over queries of w_i (dout_i . (o_far_i - out_i)), w_i the far keys' share of query i's weight."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, band, far_bias, scaling, layout):
+        q_len, lq = query.shape[2], layout.q_pad
+        qp = F.pad(query, (0, 0, lq, 0))  # (B, H, n*C, D), contiguous
+        kp, vp = F.pad(key, (0, 0, layout.k_pad, 0)), F.pad(value, (0, 0, layout.k_pad, 0))
+        near_out, near_lse, probs = _band_forward(qp, kp, vp, band, layout, scaling)
+        far_parts = []
+        for first, k0, k1, causal in layout.far:
+            out, lse = _flash_cpu(query[:, :, first:], key[:, :, k0:k1], value[:, :, k0:k1], 0.0, causal,
+                                  scale=scaling)
+            far_parts.append((first, out, lse + far_bias[None, :, None].to(lse.dtype)))
+        out, lse, near_weight, far_weights = _merge(near_out[:, :, lq:], near_lse[:, :, lq:], far_parts)
+        # the band's probabilities as shares of the full softmax (padded rows keep theirs: their gradient is 0)
+        probs.view(*qp.shape[:3], -1)[:, :, lq:].mul_(near_weight[..., None].to(probs.dtype))
+        ctx.save_for_backward(query, key, value, qp, kp, vp, probs, out, lse,
+                              *[part[1] for part in far_parts], *far_weights, far_bias)
+        ctx.scaling, ctx.layout, ctx.q_len = scaling, layout, q_len
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, qp, kp, vp, probs, out, lse, *rest = ctx.saved_tensors
+        layout, scaling = ctx.layout, ctx.scaling
+        n_far = len(layout.far)
+        far_outs, far_weights, far_bias = rest[:n_far], rest[n_far : 2 * n_far], rest[-1]
+        grad_out = grad_out.contiguous()
+        delta = (grad_out * out).sum(-1)  # (B, H, Lq): dout_i . out_i
+        d_q, d_k, d_v, d_band = _band_backward(grad_out, delta, qp, kp, vp, probs, layout, scaling)
+        d_far = torch.zeros_like(far_bias)
+        for (first, k0, k1, causal), far_out, weight in zip(layout.far, far_outs, far_weights):
+            go = grad_out[:, :, first:]
+            gq, gk, gv = _flash_cpu_backward(go, query[:, :, first:], key[:, :, k0:k1], value[:, :, k0:k1],
+                                             out[:, :, first:], lse[..., first:] - far_bias[None, :, None], 0.0,
+                                             causal, scale=scaling)
+            d_q[:, :, first:] += gq
+            d_k[:, :, k0:k1] += gk
+            d_v[:, :, k0:k1] += gv
+            share = (go * far_out).sum(-1) - delta[..., first:]  # (B, H, Lq'): dout . (o_far - out)
+            d_far += (weight * share).sum((0, 2))
+        return d_q, d_k, d_v, d_band, d_far.to(far_bias.dtype), None, None
+
+
+def _band_backward(grad_out, delta, qp, kp, vp, probs, layout: BandLayout, scaling: float):
+    """The band's share of the gradients: (dq (B, H, Lq, D), dk / dv (B, H, Lk, D), d band (H, C, C + R)).
+    probs (B*H, n, C, C + R) are the band's shares of the full softmax, so dS = P * (dout . v - dout . out)."""
+    batch, heads, rows_total, dim = qp.shape
+    lq, lk = layout.q_pad, layout.k_pad
+    go = F.pad(grad_out, (0, 0, lq, 0)).view(batch * heads, layout.blocks, layout.rows, dim)
+    dl = F.pad(delta, (lq, 0)).view(batch * heads, layout.blocks, layout.rows, 1)
+    k_windows, v_windows = _band_windows(kp, layout), _band_windows(vp, layout)
+    d_scores = torch.matmul(go, v_windows.transpose(-1, -2)).sub_(dl).mul_(probs)  # (B*H, n, C, C + R)
+    d_band = d_scores.view(batch, heads, *d_scores.shape[1:]).sum((0, 2))  # (H, C, C + R)
+    d_q = torch.matmul(d_scores, k_windows).mul_(scaling).view(batch, heads, rows_total, dim)[:, :, lq:]
+    d_kp, d_vp = torch.zeros_like(kp), torch.zeros_like(vp)
+    _add_windows(d_kp, torch.matmul(d_scores.transpose(-1, -2), qp.view_as(go)).mul_(scaling), layout)
+    _add_windows(d_vp, torch.matmul(probs.transpose(-1, -2), go), layout)
+    return d_q.contiguous(), d_kp[:, :, lk:].contiguous(), d_vp[:, :, lk:].contiguous(), d_band
+
+
+def t5_banded_train_attention(method, query, key, value, scaling: float, rows: int = TRAIN_BAND_ROWS
+                              ) -> torch.Tensor:
+    """Causal attention with a banded bias (:class:`BandLayout`), differentiable in q, k, v and the method's bias
+    table (through :func:`t5_band_bias`). GQA keys / values are repeated to H heads here (autograd sums their
+    gradients). Returns (B, Lq, H, D)."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, 1) if groups > 1 else key.contiguous()
+    value = value.repeat_interleave(groups, 1) if groups > 1 else value.contiguous()
+    q_len, k_len = query.shape[2], key.shape[2]
+    reach = min(method.bias_reach(), k_len)  # a band as long as the keys leaves nothing far
+    layout = band_layout(q_len, k_len, rows, reach)
+    band, far = t5_band_bias(method, rows, reach, query.dtype)
+    out = _BandedT5.apply(query.contiguous(), key, value, band, far, scaling, layout)
+    return out.transpose(1, 2).contiguous()
+
+
+def can_train_banded(query, dropout: float) -> bool:
+    """The banded kernel's backward needs the CPU flash kernels, no dropout and fp32 / fp64 (the band's matmuls
+    run in the input dtype)."""
+    return can_train_windowed(query, dropout) and query.dtype in (torch.float32, torch.float64)
