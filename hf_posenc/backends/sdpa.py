@@ -456,17 +456,19 @@ def _hide_padding(scores: torch.Tensor, layout: BandLayout) -> None:
         scores[:, m, :, :hidden] = torch.finfo(scores.dtype).min
 
 
-def _band_forward(qp, kp, vp, band, layout: BandLayout, scaling: float):
-    """Band attention of all query blocks in batched matmuls. qp (B, H, blocks*C, D), kp / vp padded keys.
-    Returns (out (B, H, blocks*C, D), lse (B, H, blocks*C), probs (B*H, blocks, C, C + R)), probs normalised
-    within the band."""
-    batch, heads, rows_total, dim = qp.shape
-    qb = qp.view(batch * heads, layout.blocks, layout.rows, dim)
-    scores = torch.matmul(qb, _band_windows(kp, layout).transpose(-1, -2)).mul_(scaling)  # (B*H, n, C, C + R)
+def _band_forward(qs, kp, vp, band, layout: BandLayout):
+    """Band attention of all query blocks in batched matmuls. qs (B, H, blocks*C, D) padded queries already
+    multiplied by the scaling, kp / vp padded keys. Returns (out (B, H, blocks*C, D), lse (B, H, blocks*C),
+    probs (B*H, blocks, C, C + R) normalised within the band). Padded query rows see only dtype-min scores: their
+    probabilities are uniform, never NaN (their gradient is zero)."""
+    batch, heads, rows_total, dim = qs.shape
+    qb = qs.view(batch * heads, layout.blocks, layout.rows, dim)
+    scores = torch.matmul(qb, _band_windows(kp, layout).transpose(-1, -2))  # (B*H, n, C, C + R)
     scores.view(batch, heads, *scores.shape[1:]).add_(band[None, :, None])
     _hide_padding(scores, layout)
-    lse = torch.logsumexp(scores, dim=-1)  # (B*H, n, C); every real row has its own key (d = 0)
-    probs = scores.sub_(lse[..., None]).exp_()
+    # softmax's fused kernel, not exp: torch's exp slows down ~10x on the masked (dtype-min) scores
+    probs = torch.softmax(scores, dim=-1)
+    lse = scores.amax(dim=-1) - probs.amax(dim=-1).log()  # the largest probability is 1 / sum exp(s - max)
     out = torch.matmul(probs, _band_windows(vp, layout))  # (B*H, n, C, D)
     return out.view(batch, heads, rows_total, dim), lse.view(batch, heads, rows_total), probs
 
@@ -506,9 +508,9 @@ class _BandedT5(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, band, far_bias, scaling, layout):
         q_len, lq = query.shape[2], layout.q_pad
-        qp = F.pad(query, (0, 0, lq, 0))  # (B, H, n*C, D), contiguous
+        qs = F.pad(query * scaling, (0, 0, lq, 0))  # (B, H, n*C, D), contiguous
         kp, vp = F.pad(key, (0, 0, layout.k_pad, 0)), F.pad(value, (0, 0, layout.k_pad, 0))
-        near_out, near_lse, probs = _band_forward(qp, kp, vp, band, layout, scaling)
+        near_out, near_lse, probs = _band_forward(qs, kp, vp, band, layout)
         far_parts = []
         for first, k0, k1, causal in layout.far:
             out, lse = _flash_cpu(query[:, :, first:], key[:, :, k0:k1], value[:, :, k0:k1], 0.0, causal,
@@ -516,21 +518,21 @@ class _BandedT5(torch.autograd.Function):
             far_parts.append((first, out, lse + far_bias[None, :, None].to(lse.dtype)))
         out, lse, near_weight, far_weights = _merge(near_out[:, :, lq:], near_lse[:, :, lq:], far_parts)
         # the band's probabilities as shares of the full softmax (padded rows keep theirs: their gradient is 0)
-        probs.view(*qp.shape[:3], -1)[:, :, lq:].mul_(near_weight[..., None].to(probs.dtype))
-        ctx.save_for_backward(query, key, value, qp, kp, vp, probs, out, lse,
+        probs.view(*qs.shape[:3], -1)[:, :, lq:].mul_(near_weight[..., None].to(probs.dtype))
+        ctx.save_for_backward(query, key, value, qs, kp, vp, probs, out, lse,
                               *[part[1] for part in far_parts], *far_weights, far_bias)
         ctx.scaling, ctx.layout, ctx.q_len = scaling, layout, q_len
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, qp, kp, vp, probs, out, lse, *rest = ctx.saved_tensors
+        query, key, value, qs, kp, vp, probs, out, lse, *rest = ctx.saved_tensors
         layout, scaling = ctx.layout, ctx.scaling
         n_far = len(layout.far)
         far_outs, far_weights, far_bias = rest[:n_far], rest[n_far : 2 * n_far], rest[-1]
         grad_out = grad_out.contiguous()
         delta = (grad_out * out).sum(-1)  # (B, H, Lq): dout_i . out_i
-        d_q, d_k, d_v, d_band = _band_backward(grad_out, delta, qp, kp, vp, probs, layout, scaling)
+        d_q, d_k, d_v, d_band = _band_backward(grad_out, delta, qs, kp, vp, probs, layout, scaling)
         d_far = torch.zeros_like(far_bias)
         for (first, k0, k1, causal), far_out, weight in zip(layout.far, far_outs, far_weights):
             go = grad_out[:, :, first:]
@@ -545,20 +547,21 @@ class _BandedT5(torch.autograd.Function):
         return d_q, d_k, d_v, d_band, d_far.to(far_bias.dtype), None, None
 
 
-def _band_backward(grad_out, delta, qp, kp, vp, probs, layout: BandLayout, scaling: float):
+def _band_backward(grad_out, delta, qs, kp, vp, probs, layout: BandLayout, scaling: float):
     """The band's share of the gradients: (dq (B, H, Lq, D), dk / dv (B, H, Lk, D), d band (H, C, C + R)).
-    probs (B*H, n, C, C + R) are the band's shares of the full softmax, so dS = P * (dout . v - dout . out)."""
-    batch, heads, rows_total, dim = qp.shape
+    probs (B*H, n, C, C + R) are the band's shares of the full softmax, so dS = P * (dout . v - dout . out);
+    qs are the scaled queries (dk = dS^T qs)."""
+    batch, heads, rows_total, dim = qs.shape
     lq, lk = layout.q_pad, layout.k_pad
     go = F.pad(grad_out, (0, 0, lq, 0)).view(batch * heads, layout.blocks, layout.rows, dim)
     dl = F.pad(delta, (lq, 0)).view(batch * heads, layout.blocks, layout.rows, 1)
-    k_windows, v_windows = _band_windows(kp, layout), _band_windows(vp, layout)
-    d_scores = torch.matmul(go, v_windows.transpose(-1, -2)).sub_(dl).mul_(probs)  # (B*H, n, C, C + R)
+    d_scores = torch.matmul(go, _band_windows(vp, layout).transpose(-1, -2)).sub_(dl).mul_(probs)  # (B*H, n, C, C+R)
     d_band = d_scores.view(batch, heads, *d_scores.shape[1:]).sum((0, 2))  # (H, C, C + R)
-    d_q = torch.matmul(d_scores, k_windows).mul_(scaling).view(batch, heads, rows_total, dim)[:, :, lq:]
+    d_q = torch.matmul(d_scores, _band_windows(kp, layout)).mul_(scaling)
     d_kp, d_vp = torch.zeros_like(kp), torch.zeros_like(vp)
-    _add_windows(d_kp, torch.matmul(d_scores.transpose(-1, -2), qp.view_as(go)).mul_(scaling), layout)
+    _add_windows(d_kp, torch.matmul(d_scores.transpose(-1, -2), qs.view_as(go)), layout)
     _add_windows(d_vp, torch.matmul(probs.transpose(-1, -2), go), layout)
+    d_q = d_q.view(batch, heads, rows_total, dim)[:, :, lq:]
     return d_q.contiguous(), d_kp[:, :, lk:].contiguous(), d_vp[:, :, lk:].contiguous(), d_band
 
 
