@@ -512,68 +512,68 @@ class _BandedT5(torch.autograd.Function):
     log-sum-exp (as flash attention's): the band by batched matmuls (its scores' gradient is also the band bias'),
     the far calls by the CPU flash backward kernel, fed the merged output and the merged log-sum-exp minus the far
     constant (so it recomputes the far probabilities of the full softmax). The far constant's gradient per head:
-    sum over queries of w_i (dout_i . (o_far_i - out_i)), w_i the far keys' share of query i's weight."""
+    sum over queries of w_i (dout_i . (o_far_i - out_i)), w_i the far keys' share of query i's weight.
+    Saved: the padded scaled queries and padded keys / values (the far calls read slices of them, scale 1), the
+    band's probabilities (B*H*Lq*(C + R) floats), the output, the merged log-sum-exp, the far outputs / weights."""
 
     @staticmethod
     def forward(ctx, query, key, value, band, far_bias, scaling, layout):
-        q_len, lq = query.shape[2], layout.q_pad
+        lq, lk = layout.q_pad, layout.k_pad
         qs = F.pad(query * scaling, (0, 0, lq, 0))  # (B, H, n*C, D), contiguous
-        kp, vp = F.pad(key, (0, 0, layout.k_pad, 0)), F.pad(value, (0, 0, layout.k_pad, 0))
+        kp, vp = F.pad(key, (0, 0, lk, 0)), F.pad(value, (0, 0, lk, 0))  # (B, H, k_pad + Lk, D)
         near_out, near_lse, probs = _band_forward(qs, kp, vp, band, layout)
         far_parts = []
         for first, k0, k1, causal in layout.far:
-            out, lse = _flash_cpu(query[:, :, first:], key[:, :, k0:k1], value[:, :, k0:k1], 0.0, causal,
-                                  scale=scaling)
+            out, lse = _flash_cpu(qs[:, :, lq + first :], kp[:, :, lk + k0 : lk + k1], vp[:, :, lk + k0 : lk + k1],
+                                  0.0, causal, scale=1.0)
             far_parts.append((first, out, lse + far_bias[None, :, None].to(lse.dtype)))
         out, lse, near_weight, far_weights = _merge(near_out[:, :, lq:], near_lse[:, :, lq:], far_parts)
         # the band's probabilities as shares of the full softmax (padded rows keep theirs: their gradient is 0)
         probs.view(*qs.shape[:3], -1)[:, :, lq:].mul_(near_weight[..., None].to(probs.dtype))
-        ctx.save_for_backward(query, key, value, qs, kp, vp, probs, out, lse,
-                              *[part[1] for part in far_parts], *far_weights, far_bias)
-        ctx.scaling, ctx.layout, ctx.q_len = scaling, layout, q_len
+        ctx.save_for_backward(qs, kp, vp, probs, out, lse, *[part[1] for part in far_parts], *far_weights, far_bias)
+        ctx.scaling, ctx.layout = scaling, layout
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, qs, kp, vp, probs, out, lse, *rest = ctx.saved_tensors
-        layout, scaling = ctx.layout, ctx.scaling
-        n_far = len(layout.far)
+        qs, kp, vp, probs, out, lse, *rest = ctx.saved_tensors
+        layout = ctx.layout
+        lq, lk, n_far = layout.q_pad, layout.k_pad, len(layout.far)
         far_outs, far_weights, far_bias = rest[:n_far], rest[n_far : 2 * n_far], rest[-1]
         grad_out = grad_out.contiguous()
         delta = (grad_out * out).sum(-1)  # (B, H, Lq): dout_i . out_i
-        d_q, d_k, d_v, d_band = _band_backward(grad_out, delta, qs, kp, vp, probs, layout, scaling)
+        d_qs, d_kp, d_vp, d_band = _band_backward(grad_out, delta, qs, kp, vp, probs, layout)  # padded
         d_far = torch.zeros_like(far_bias)
         for (first, k0, k1, causal), far_out, weight in zip(layout.far, far_outs, far_weights):
-            go = grad_out[:, :, first:]
-            gq, gk, gv = _flash_cpu_backward(go, query[:, :, first:], key[:, :, k0:k1], value[:, :, k0:k1],
-                                             out[:, :, first:], lse[..., first:] - far_bias[None, :, None], 0.0,
-                                             causal, scale=scaling)
-            d_q[:, :, first:] += gq
-            d_k[:, :, k0:k1] += gk
-            d_v[:, :, k0:k1] += gv
+            go, rows, keys = grad_out[:, :, first:], slice(lq + first, None), slice(lk + k0, lk + k1)
+            gq, gk, gv = _flash_cpu_backward(go, qs[:, :, rows], kp[:, :, keys], vp[:, :, keys], out[:, :, first:],
+                                             lse[..., first:] - far_bias[None, :, None], 0.0, causal, scale=1.0)
+            d_qs[:, :, rows] += gq
+            d_kp[:, :, keys] += gk
+            d_vp[:, :, keys] += gv
             share = (go * far_out).sum(-1) - delta[..., first:]  # (B, H, Lq'): dout . (o_far - out)
             d_far += (weight * share).sum((0, 2))
-        return d_q, d_k, d_v, d_band, d_far.to(far_bias.dtype), None, None
+        d_q = d_qs[:, :, lq:].mul_(ctx.scaling)
+        return d_q, d_kp[:, :, lk:], d_vp[:, :, lk:], d_band, d_far.to(far_bias.dtype), None, None
 
 
-def _band_backward(grad_out, delta, qs, kp, vp, probs, layout: BandLayout, scaling: float):
-    """The band's share of the gradients: (dq (B, H, Lq, D), dk / dv (B, H, Lk, D), d band (H, C, C + R)).
-    probs (B*H, n, C, C + R) are the band's shares of the full softmax, so dS = P * (dout . v - dout . out);
-    qs are the scaled queries (dk = dS^T qs)."""
+def _band_backward(grad_out, delta, qs, kp, vp, probs, layout: BandLayout):
+    """The band's share of the gradients with respect to the padded inputs: (d qs (B, H, n*C, D), d kp / d vp
+    (B, H, k_pad + Lk, D), d band (H, C, C + R)). probs (B*H, n, C, C + R) are the band's shares of the full
+    softmax, so dS = P * (dout . v - dout . out); qs are the scaled queries (scores = qs k^T, dk = dS^T qs)."""
     batch, heads, rows_total, dim = qs.shape
-    lq, lk = layout.q_pad, layout.k_pad
+    lq = layout.q_pad
     go = F.pad(grad_out, (0, 0, lq, 0)).view(batch * heads, layout.blocks, layout.rows, dim)
     dl = F.pad(delta, (lq, 0)).view(batch * heads, layout.blocks, layout.rows, 1)
     k_windows, v_windows = _band_windows(kp, layout), _band_windows(vp, layout)  # (B*H, n, C + R, D)
     d_scores = _bmm_heads(go, v_windows.transpose(-1, -2), torch.empty_like(probs)).sub_(dl).mul_(probs)
     d_band = d_scores.view(batch, heads, *d_scores.shape[1:]).sum((0, 2))  # (H, C, C + R)
-    d_q = _bmm_heads(d_scores, k_windows, torch.empty_like(go)).mul_(scaling)
+    d_qs = _bmm_heads(d_scores, k_windows, torch.empty_like(go)).view(batch, heads, rows_total, dim)
     d_kp, d_vp = torch.zeros_like(kp), torch.zeros_like(vp)
     window_grad = go.new_empty(*k_windows.shape)  # (B*H, n, C + R, D), reused for dk then dv
     _add_windows(d_kp, _bmm_heads(d_scores.transpose(-1, -2), qs.view_as(go), window_grad), layout)
     _add_windows(d_vp, _bmm_heads(probs.transpose(-1, -2), go, window_grad), layout)
-    d_q = d_q.view(batch, heads, rows_total, dim)[:, :, lq:]
-    return d_q.contiguous(), d_kp[:, :, lk:].contiguous(), d_vp[:, :, lk:].contiguous(), d_band
+    return d_qs, d_kp, d_vp, d_band
 
 
 def t5_banded_train_attention(method, query, key, value, scaling: float, rows: int = TRAIN_BAND_ROWS
