@@ -12,6 +12,11 @@ Shapes: B batch, H heads, Hkv key/value heads, Lq/Lk query/key length (queries a
   weightless; from the actual query/key norms each head gets a window W_h past which the keys provably carry less
   than exp(-32) of the weight (:func:`alibi_windows`), and attends only within it. Exact to fp32 resolution; heads
   with steep slopes become local attention, so the layer can cost less than the native causal kernel.
+- :func:`t5_banded_attention` (a ``banded`` bias: T5, causal, no padding mask): the bias is a per-head constant
+  beyond a reach R, so a query's keys split into a band (distance < R, the bias table) and far keys (one constant:
+  no mask at all, the constant added to their log-sum-exp); the two are merged by log-sum-exp. With autograd
+  :func:`t5_banded_train_attention` runs the band as batched matmuls and the far keys as one square causal CPU
+  flash call, with a custom backward that also yields the gradients of the band bias and of the far constant.
 """
 
 from __future__ import annotations
