@@ -120,7 +120,7 @@ def test_gradcheck_in_double():
     assert len(layout.far) == 1 and layout.q_pad and layout.k_pad
     query, key, value, _ = inputs(1, 2, 2, q_len, k_len, dim=4)
     method = t5_method(2, max_distance=reach, num_buckets=8)
-    band, far = kernels.t5_band_bias(method, rows, reach, torch.float64)
+    band, far = kernels.t5_band_bias(method, rows, reach, torch.float64, query.device)
     band, far = band.detach().requires_grad_(), (far.detach() + 1.0).requires_grad_()  # the far keys matter
 
     def attention(q, k, v, band, far):

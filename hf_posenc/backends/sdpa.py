@@ -429,22 +429,19 @@ def band_layout(q_len: int, k_len: int, rows: int, reach: int) -> BandLayout:
     return BandLayout(rows, reach, blocks, q_pad, k_pad, start, far)
 
 
-def t5_band_bias(method, rows: int, reach: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def t5_band_bias(method, rows: int, reach: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(band (H, C, C + R), far (H,)), differentiable in the method's table: the band bias of a query block
     (row r, column c: distance d = r + R - c; dtype-min outside [0, R): future keys and far keys), and the
     per-head bias at distances >= the method's reach (the far constant)."""
-    positions = torch.arange(rows + reach, device=method_device(method))
+    positions = torch.arange(rows + reach, device=device)
     q_pos, k_pos = positions[reach:], positions  # d = q - k = r + R - c
     bias = method.score_bias(q_pos[None], k_pos[None])[0].to(dtype)  # (H, C, C + R)
     distance = q_pos[:, None] - k_pos[None, :]
     band = torch.where((distance >= 0) & (distance < reach), bias, torch.finfo(dtype).min)
-    far_pos = torch.tensor([method.bias_reach()], device=positions.device)
-    far = method.score_bias(far_pos[None], far_pos[None] * 0)[0, :, 0, 0].to(dtype)  # (H,)
+    # one query at distance R from key 0: beyond the reach every distance has this bias
+    far_q = torch.tensor([[method.bias_reach()]], device=device)
+    far = method.score_bias(far_q, torch.zeros_like(far_q))[0, :, 0, 0].to(dtype)  # (H,)
     return band, far
-
-
-def method_device(method) -> torch.device:
-    return next(method.parameters()).device
 
 
 def _band_windows(x: torch.Tensor, layout: BandLayout) -> torch.Tensor:
@@ -592,7 +589,7 @@ def t5_banded_train_attention(method, query, key, value, scaling: float, rows: i
     q_len, k_len = query.shape[2], key.shape[2]
     reach = min(method.bias_reach(), k_len)  # a band as long as the keys leaves nothing far
     layout = band_layout(q_len, k_len, rows, reach)
-    band, far = t5_band_bias(method, rows, reach, query.dtype)
+    band, far = t5_band_bias(method, rows, reach, query.dtype, query.device)
     out = _BandedT5.apply(query.contiguous(), key, value, band, far, scaling, layout)
     return out.transpose(1, 2).contiguous()
 
