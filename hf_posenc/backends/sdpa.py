@@ -381,7 +381,8 @@ def can_band(method, query) -> bool:
 
 # ---- banded T5 path (training) -----------------------------------------------------------------------------
 # Query-block rows of the trainable band. The band's matmuls cover C + R keys per query for R useful ones, so
-# small blocks waste less; below 64 the batched matmuls get too small (docs/performance.md).
+# small blocks waste less, but their matmuls run less efficiently: measured (docs/performance.md, T5 training) 32
+# and 64 alike, 128 slower at 1k-2k.
 TRAIN_BAND_ROWS = 64
 
 
