@@ -4,7 +4,7 @@ Kernels live in :data:`KERNELS`, keyed by name (as transformers' ``AttentionInte
 each with the capability it needs of a method's declared :class:`~hf_posenc.methods.base.PositionTerm`:
 ``"eager"`` (anything: the only one for content terms and attention weights); ``"sdpa"`` (one shared float mask:
 any position-only term); the query-block SDPA kernels of :mod:`.sdpa`: ``"sdpa-windowed"`` (a ``linear``
-distance bias: ALiBi), ``"sdpa-banded"`` (a ``banded`` distance bias: T5; training too), ``"sdpa-blocked"`` (any bias
+distance bias: ALiBi), ``"sdpa-banded"`` (a ``banded`` distance bias: T5, inference), ``"sdpa-blocked"`` (any bias
 that depends only on the distance); ``"flex"`` (no bias, or a linear / banded one). A bias that depends on the
 query and key positions themselves (FIRE) runs ``sdpa`` or ``eager``. The ``auto`` rules below come from the CPU
 measurements in docs/performance.md (GPT-2 shape: 12 heads of 64, fp32, torch 2.13):
