@@ -38,7 +38,7 @@ for _name in HONOURED:
     BOOKKEEPING.pop(_name, None)
 
 # kernels that cannot apply a semantic argument, and the kernel that runs such a call instead
-NO_DROPOUT = ("sdpa-banded", "flex")  # flex is never chosen with dropout (flex.supports); banded is inference-only
+NO_DROPOUT = ("sdpa-banded", "flex")  # neither is chosen with dropout (flex.supports, can_train_banded); banded has none
 
 
 @dataclass(frozen=True)

@@ -270,9 +270,10 @@ def test_auto_rules():
         assert kernels_for(converted("bert", "alibi"), long) == {"sdpa"}  # 4. encoder
         out = alibi(long, use_cache=True)
         assert kernels_for(alibi, ids(1, 1), **{CACHE_ARG: cache_of(out)}) == {"sdpa"}  # 4. decode step
-    assert kernels_for(t5, long) == {"sdpa-blocked"}  # 3c: T5 with autograd
+    assert kernels_for(t5, long) == {"sdpa-banded"}  # 3b: T5 with autograd
     alibi.train()  # dropout 0.1 in the tiny config: the windowed backward has none
     assert kernels_for(alibi, long) == {"sdpa-blocked"}  # 3c
+    assert kernels_for(t5.train(), long) == {"sdpa-blocked"}  # 3c: nor the banded one
     for module in alibi.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

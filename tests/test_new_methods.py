@@ -66,7 +66,7 @@ def test_kernels_run_what_the_method_declares(name, expected):
 
 
 @pytest.mark.parametrize("name, kernel", [("fire", "sdpa"), ("transformer_xl", "eager"), ("xpos", "sdpa"),
-                                          ("learned", "sdpa"), ("t5", "sdpa-blocked")])
+                                          ("learned", "sdpa"), ("t5", "sdpa-banded")])
 def test_auto_picks_a_kernel_the_method_can_run(name, kernel):
     method = converted("gpt2", name).base_model.posenc
     q = torch.randn(1, 4, dispatch.BLOCKED_MIN_QUERIES, 8, requires_grad=True)  # long, with autograd

@@ -5,7 +5,7 @@ each with the capability it needs of a method's declared :class:`~hf_posenc.meth
 ``"eager"`` (anything: the only one for attention weights and for content terms other than a clipped one);
 ``"sdpa"`` (one shared float mask: any position-only term); the query-block SDPA kernels of :mod:`.sdpa`:
 ``"sdpa-windowed"`` (a ``linear`` distance bias: ALiBi), ``"sdpa-banded"`` (a ``banded`` distance bias: T5,
-inference), ``"sdpa-blocked"`` (any bias that depends only on the distance); ``"flex"`` (no bias, or a linear /
+inference and training), ``"sdpa-blocked"`` (any bias that depends only on the distance); ``"flex"`` (no bias, or a linear /
 banded one); ``"shaw-banded"`` (a ``clipped`` content term: Shaw, inference; :mod:`.shaw_banded`). A bias that
 depends on the query and key positions themselves (FIRE) runs ``sdpa`` or ``eager``. The ``auto`` rules below come
 from the CPU measurements in docs/performance.md (GPT-2 shape: 12 heads of 64, fp32, torch 2.13):
@@ -21,8 +21,8 @@ from the CPU measurements in docs/performance.md (GPT-2 shape: 12 heads of 64, f
    unpadded);
 3. a distance bias (ALiBi, T5) on a causal model with at least ``BLOCKED_MIN_QUERIES`` queries:
    a. a linear one (ALiBi) on CPU, no padding mask (with autograd: no dropout) -> ``sdpa-windowed``;
-   b. a banded one (T5), no padding mask, no autograd, CPU -> ``sdpa-banded``;
-   c. otherwise (padding, dropout, T5 training) -> ``sdpa-blocked``;
+   b. a banded one (T5), no padding mask, CPU (with autograd: no dropout, fp32 / fp64) -> ``sdpa-banded``;
+   c. otherwise (padding, dropout, bf16 T5 training) -> ``sdpa-blocked``;
 4. otherwise (short inputs, decode steps, encoders) -> ``sdpa`` with the shared bias: at these sizes one
    (1, H, Lq, Lk) bias is small and a single call is cheapest; a decode step's bias is one (1, H, 1, Lk) row.
 ``auto`` never picks ``flex`` on CPU: FlexAttention compiled by torch 2.13 ran 2-2.5x slower than the native causal
@@ -178,7 +178,10 @@ def choose_kernel(backend: str, method, query, key, value, attention_mask, causa
             and query.device.type == "cpu" and (not grad or sdpa.can_train_windowed(query, dropout))
         ):
             return "sdpa-windowed"
-        if can_run("sdpa-banded", method) and attention_mask is None and not grad and sdpa.can_band(method, query):
+        if (
+            can_run("sdpa-banded", method) and attention_mask is None and sdpa.can_band(method, query)
+            and (not grad or sdpa.can_train_banded(query, dropout))
+        ):
             return "sdpa-banded"
         if can_run("sdpa-blocked", method):
             return "sdpa-blocked"

@@ -12,9 +12,16 @@ Shapes: B batch, H heads, Hkv key/value heads, Lq/Lk query/key length (queries a
   weightless; from the actual query/key norms each head gets a window W_h past which the keys provably carry less
   than exp(-32) of the weight (:func:`alibi_windows`), and attends only within it. Exact to fp32 resolution; heads
   with steep slopes become local attention, so the layer can cost less than the native causal kernel.
+- :func:`t5_banded_attention` (a ``banded`` bias: T5, causal, no padding mask): the bias is a per-head constant
+  beyond a reach R, so a query's keys split into a band (distance < R, the bias table) and far keys (one constant:
+  no mask at all, the constant added to their log-sum-exp); the two are merged by log-sum-exp. With autograd
+  :func:`t5_banded_train_attention` runs the band as batched matmuls and the far keys as one square causal CPU
+  flash call, with a custom backward that also yields the gradients of the band bias and of the far constant.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -309,8 +316,13 @@ def t5_banded_attention(method, query, key, value, scaling: float, rows: int = B
     ``max_distance`` on). Query block [a, a+C) runs as two mask-free-or-small calls merged by log-sum-exp:
     the band, keys [a - W, a + C) with W = R rounded up to C (one batched call for all blocks, one shared
     (H, C, C + W) bias), and the far keys [0, a - W), whose bias is the per-head constant: no mask at all, its
-    log-sum-exp shifted by that constant. Inference only (CPU flash kernel for the log-sum-exps). Returns
-    (B, Lq, H, D)."""
+    log-sum-exp shifted by that constant. CPU flash kernel for the log-sum-exps. Returns
+    (B, Lq, H, D). With autograd: :func:`t5_banded_train_attention`."""
+    if torch.is_grad_enabled() and (
+        query.requires_grad or key.requires_grad or value.requires_grad
+        or any(p.requires_grad for p in method.parameters())
+    ):
+        return t5_banded_train_attention(method, query, key, value, scaling)
     batch, heads, q_len, dim = query.shape
     k_len = key.shape[2]
     offset = k_len - q_len
@@ -365,3 +377,225 @@ def t5_banded_attention(method, query, key, value, scaling: float, rows: int = B
 def can_band(method, query) -> bool:
     """The banded kernel (for a method declaring a banded bias) needs the CPU flash kernel."""
     return _flash_cpu is not None and query.device.type == "cpu"
+
+
+# ---- banded T5 path (training) -----------------------------------------------------------------------------
+# Query-block rows of the trainable band. The band's matmuls cover C + R keys per query for R useful ones, so
+# small blocks waste less, but their matmuls run less efficiently: measured (docs/performance.md, T5 training) 32
+# and 64 alike, 128 slower at 1k-2k.
+TRAIN_BAND_ROWS = 64
+
+
+@dataclass(frozen=True)
+class BandLayout:
+    """Where the trainable banded kernel's pieces lie, for Lq queries that are the last Lq of Lk keys.
+
+    Every query at position p (= offset + its index) splits its keys in two: the *band*, distances p - j in
+    [0, R), and the *far* keys, distance >= R, whose bias is one constant per head.
+    - Band: q is padded in front to ``blocks`` x C rows (``q_pad`` zero rows), k / v to ``k_pad`` + Lk rows;
+      query block m attends the padded keys [start + m*C, start + m*C + C + R). Every block sees the same
+      distances (row r, column c: d = r + R - c), so one (H, C, C + R) bias serves all blocks; the padded keys a
+      block's window reaches are hidden per block (:meth:`hidden_keys`).
+    - Far: ``far`` lists flash calls (first query, first key, end key, causal): the far keys of query i are
+      [0, offset + i - R], a shifted causal staircase; the CPU flash kernel's causal mask is top-left aligned,
+      so queries [R - offset, Lq) against keys [0, Lk - R) is one square causal call when offset <= R; with more
+      cached keys, keys [0, offset - R) are far for every query (one unmasked call) and the rest one square
+      causal call.
+    """
+
+    rows: int
+    reach: int
+    blocks: int
+    q_pad: int
+    k_pad: int
+    start: int
+    far: tuple[tuple[int, int, int, bool], ...]
+
+    def hidden_keys(self, block: int) -> int:
+        """How many leading columns of block ``block``'s window are padding (0 from some block on)."""
+        return max(0, self.k_pad - self.start - block * self.rows)
+
+
+def band_layout(q_len: int, k_len: int, rows: int, reach: int) -> BandLayout:
+    offset = k_len - q_len
+    blocks = -(-q_len // rows)
+    q_pad = blocks * rows - q_len
+    k_pad = max(0, reach + q_pad - offset)
+    start = offset - q_pad - reach + k_pad  # >= 0; window m ends at start + (m + 1) * C + R <= k_pad + Lk
+    if offset <= reach:
+        first = reach - offset
+        far = ((first, 0, k_len - reach, True),) if first < q_len else ()
+    else:
+        far = ((0, 0, offset - reach, False), (0, offset - reach, k_len - reach, True))
+    return BandLayout(rows, reach, blocks, q_pad, k_pad, start, far)
+
+
+def t5_band_bias(method, rows: int, reach: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(band (H, C, C + R), far (H,)), differentiable in the method's table: the band bias of a query block
+    (row r, column c: distance d = r + R - c; dtype-min outside [0, R): future keys and far keys), and the
+    per-head bias at distances >= the method's reach (the far constant)."""
+    positions = torch.arange(rows + reach, device=device)
+    q_pos, k_pos = positions[reach:], positions  # d = q - k = r + R - c
+    bias = method.score_bias(q_pos[None], k_pos[None])[0].to(dtype)  # (H, C, C + R)
+    distance = q_pos[:, None] - k_pos[None, :]
+    band = torch.where((distance >= 0) & (distance < reach), bias, torch.finfo(dtype).min)
+    # one query at distance R from key 0: beyond the reach every distance has this bias
+    far_q = torch.tensor([[method.bias_reach()]], device=device)
+    far = method.score_bias(far_q, torch.zeros_like(far_q))[0, :, 0, 0].to(dtype)  # (H,)
+    return band, far
+
+
+def _band_windows(x: torch.Tensor, layout: BandLayout) -> torch.Tensor:
+    """(B, H, k_pad + Lk, D) padded keys / values -> (B*H, blocks, C + R, D), overlapping windows (a view)."""
+    return _strided(x, layout.start, layout.blocks, layout.rows, layout.rows + layout.reach)
+
+
+def _hide_padding(scores: torch.Tensor, layout: BandLayout) -> None:
+    """Scores (B*H, blocks, C, C + R): padded keys -> dtype-min, in place (only the first blocks reach any)."""
+    for m in range(layout.blocks):
+        hidden = layout.hidden_keys(m)
+        if hidden == 0:
+            break
+        scores[:, m, :, :hidden] = torch.finfo(scores.dtype).min
+
+
+def _bmm_heads(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[h] = a[h] @ b[h] for (B*H, n, ., .) operands, one bmm per head row: a bmm reads a window view's
+    uniform (overlapping) batch stride in place, where a 4-D matmul would copy the windows (measured 2.4x)."""
+    for h in range(a.shape[0]):
+        torch.bmm(a[h], b[h], out=out[h])
+    return out
+
+
+def _band_forward(qs, kp, vp, band, layout: BandLayout):
+    """Band attention of all query blocks. qs (B, H, blocks*C, D) padded queries already multiplied by the
+    scaling, kp / vp padded keys. Returns (out (B, H, blocks*C, D), lse (B, H, blocks*C), probs (B*H, blocks, C,
+    C + R) normalised within the band). Padded query rows see only dtype-min scores: their probabilities are
+    uniform, never NaN (their gradient is zero)."""
+    batch, heads, rows_total, dim = qs.shape
+    qb = qs.view(batch * heads, layout.blocks, layout.rows, dim)
+    k_windows = _band_windows(kp, layout)  # (B*H, n, C + R, D)
+    scores = _bmm_heads(qb, k_windows.transpose(-1, -2), qb.new_empty(*qb.shape[:3], k_windows.shape[2]))
+    scores.view(batch, heads, *scores.shape[1:]).add_(band[None, :, None])
+    _hide_padding(scores, layout)
+    # softmax's fused kernel, not exp: torch's exp slows down ~10x on the masked (dtype-min) scores
+    probs = torch.softmax(scores, dim=-1)
+    lse = scores.amax(dim=-1) - probs.amax(dim=-1).log()  # the largest probability is 1 / sum exp(s - max)
+    out = _bmm_heads(probs, _band_windows(vp, layout), torch.empty_like(qb))  # (B*H, n, C, D)
+    return out.view(batch, heads, rows_total, dim), lse.view(batch, heads, rows_total), probs
+
+
+def _add_windows(target: torch.Tensor, grad: torch.Tensor, layout: BandLayout) -> None:
+    """target (B, H, k_pad + Lk, D) += the window gradients grad (B*H, blocks, C + R, D): column chunk t (C wide)
+    of every window lands on disjoint key ranges, one strided add per chunk."""
+    rows, size = layout.rows, layout.rows + layout.reach
+    for t in range(0, size, rows):
+        width = min(rows, size - t)
+        _strided(target, layout.start + t, layout.blocks, rows, width).add_(grad[:, :, t : t + width])
+
+
+def _merge(near_out, near_lse, far_parts):
+    """Log-sum-exp merge. near (B, H, Lq, D) / (B, H, Lq); far_parts [(first query, out, lse incl. the far
+    constant)]. Returns (out (B, H, Lq, D), lse (B, H, Lq), near weight (B, H, Lq), far weights [(B, H, Lq')])."""
+    lse = near_lse.clone()
+    for first, _, part_lse in far_parts:
+        lse[..., first:] = torch.logaddexp(lse[..., first:], part_lse)
+    near_weight = (near_lse - lse).exp_()
+    out = near_out * near_weight[..., None].to(near_out.dtype)
+    far_weights = []
+    for first, part_out, part_lse in far_parts:
+        weight = (part_lse - lse[..., first:]).exp_()
+        out[..., first:, :] += part_out * weight[..., None].to(out.dtype)
+        far_weights.append(weight)
+    return out, lse, near_weight, far_weights
+
+
+class _BandedT5(torch.autograd.Function):
+    """Training path of the banded kernel. Forward without an autograd graph; backward from the merged output and
+    log-sum-exp (as flash attention's): the band by batched matmuls (its scores' gradient is also the band bias'),
+    the far calls by the CPU flash backward kernel, fed the merged output and the merged log-sum-exp minus the far
+    constant (so it recomputes the far probabilities of the full softmax). The far constant's gradient per head:
+    sum over queries of w_i (dout_i . (o_far_i - out_i)), w_i the far keys' share of query i's weight.
+    Saved: the padded scaled queries and padded keys / values (the far calls read slices of them, scale 1), the
+    band's probabilities (B*H*Lq*(C + R) floats), the output, the merged log-sum-exp, the far outputs / weights."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, band, far_bias, scaling, layout):
+        lq, lk = layout.q_pad, layout.k_pad
+        qs = F.pad(query * scaling, (0, 0, lq, 0))  # (B, H, n*C, D), contiguous
+        kp, vp = F.pad(key, (0, 0, lk, 0)), F.pad(value, (0, 0, lk, 0))  # (B, H, k_pad + Lk, D)
+        near_out, near_lse, probs = _band_forward(qs, kp, vp, band, layout)
+        far_parts = []
+        for first, k0, k1, causal in layout.far:
+            out, lse = _flash_cpu(qs[:, :, lq + first :], kp[:, :, lk + k0 : lk + k1], vp[:, :, lk + k0 : lk + k1],
+                                  0.0, causal, scale=1.0)
+            far_parts.append((first, out, lse + far_bias[None, :, None].to(lse.dtype)))
+        out, lse, near_weight, far_weights = _merge(near_out[:, :, lq:], near_lse[:, :, lq:], far_parts)
+        # the band's probabilities as shares of the full softmax (padded rows keep theirs: their gradient is 0)
+        probs.view(*qs.shape[:3], -1)[:, :, lq:].mul_(near_weight[..., None].to(probs.dtype))
+        ctx.save_for_backward(qs, kp, vp, probs, out, lse, *[part[1] for part in far_parts], *far_weights, far_bias)
+        ctx.scaling, ctx.layout = scaling, layout
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qs, kp, vp, probs, out, lse, *rest = ctx.saved_tensors
+        layout = ctx.layout
+        lq, lk, n_far = layout.q_pad, layout.k_pad, len(layout.far)
+        far_outs, far_weights, far_bias = rest[:n_far], rest[n_far : 2 * n_far], rest[-1]
+        grad_out = grad_out.contiguous()
+        delta = (grad_out * out).sum(-1)  # (B, H, Lq): dout_i . out_i
+        d_qs, d_kp, d_vp, d_band = _band_backward(grad_out, delta, qs, kp, vp, probs, layout)  # padded
+        d_far = torch.zeros_like(far_bias)
+        for (first, k0, k1, causal), far_out, weight in zip(layout.far, far_outs, far_weights):
+            go, rows, keys = grad_out[:, :, first:], slice(lq + first, None), slice(lk + k0, lk + k1)
+            gq, gk, gv = _flash_cpu_backward(go, qs[:, :, rows], kp[:, :, keys], vp[:, :, keys], out[:, :, first:],
+                                             lse[..., first:] - far_bias[None, :, None], 0.0, causal, scale=1.0)
+            d_qs[:, :, rows] += gq
+            d_kp[:, :, keys] += gk
+            d_vp[:, :, keys] += gv
+            share = (go * far_out).sum(-1) - delta[..., first:]  # (B, H, Lq'): dout . (o_far - out)
+            d_far += (weight * share).sum((0, 2))
+        d_q = d_qs[:, :, lq:].mul_(ctx.scaling)
+        return d_q, d_kp[:, :, lk:], d_vp[:, :, lk:], d_band, d_far.to(far_bias.dtype), None, None
+
+
+def _band_backward(grad_out, delta, qs, kp, vp, probs, layout: BandLayout):
+    """The band's share of the gradients with respect to the padded inputs: (d qs (B, H, n*C, D), d kp / d vp
+    (B, H, k_pad + Lk, D), d band (H, C, C + R)). probs (B*H, n, C, C + R) are the band's shares of the full
+    softmax, so dS = P * (dout . v - dout . out); qs are the scaled queries (scores = qs k^T, dk = dS^T qs)."""
+    batch, heads, rows_total, dim = qs.shape
+    lq = layout.q_pad
+    go = F.pad(grad_out, (0, 0, lq, 0)).view(batch * heads, layout.blocks, layout.rows, dim)
+    dl = F.pad(delta, (lq, 0)).view(batch * heads, layout.blocks, layout.rows, 1)
+    k_windows, v_windows = _band_windows(kp, layout), _band_windows(vp, layout)  # (B*H, n, C + R, D)
+    d_scores = _bmm_heads(go, v_windows.transpose(-1, -2), torch.empty_like(probs)).sub_(dl).mul_(probs)
+    d_band = d_scores.view(batch, heads, *d_scores.shape[1:]).sum((0, 2))  # (H, C, C + R)
+    d_qs = _bmm_heads(d_scores, k_windows, torch.empty_like(go)).view(batch, heads, rows_total, dim)
+    d_kp, d_vp = torch.zeros_like(kp), torch.zeros_like(vp)
+    window_grad = go.new_empty(*k_windows.shape)  # (B*H, n, C + R, D), reused for dk then dv
+    _add_windows(d_kp, _bmm_heads(d_scores.transpose(-1, -2), qs.view_as(go), window_grad), layout)
+    _add_windows(d_vp, _bmm_heads(probs.transpose(-1, -2), go, window_grad), layout)
+    return d_qs, d_kp, d_vp, d_band
+
+
+def t5_banded_train_attention(method, query, key, value, scaling: float, rows: int = TRAIN_BAND_ROWS
+                              ) -> torch.Tensor:
+    """Causal attention with a banded bias (:class:`BandLayout`), differentiable in q, k, v and the method's bias
+    table (through :func:`t5_band_bias`). GQA keys / values are repeated to H heads here (autograd sums their
+    gradients). Returns (B, Lq, H, D)."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, 1) if groups > 1 else key.contiguous()
+    value = value.repeat_interleave(groups, 1) if groups > 1 else value.contiguous()
+    q_len, k_len = query.shape[2], key.shape[2]
+    reach = min(method.bias_reach(), k_len)  # a band as long as the keys leaves nothing far
+    layout = band_layout(q_len, k_len, rows, reach)
+    band, far = t5_band_bias(method, rows, reach, query.dtype, query.device)
+    out = _BandedT5.apply(query.contiguous(), key, value, band, far, scaling, layout)
+    return out.transpose(1, 2).contiguous()
+
+
+def can_train_banded(query, dropout: float) -> bool:
+    """The banded kernel's backward needs the CPU flash kernels, no dropout and fp32 / fp64 (the band's matmuls
+    run in the input dtype)."""
+    return can_train_windowed(query, dropout) and query.dtype in (torch.float32, torch.float64)
