@@ -40,6 +40,7 @@ def assert_unchanged(model, before):
         ("rope", {"fraction": 0.0}, "option 'fraction' must be a number in [1e-09, 1.0], got 0.0"),
         ("rope", {"fraction": 0.1}, "leaves fewer than 2"),
         ("rope", {"mscale": 0.5}, "give scaling='yarn' or 'dynamic_yarn' with it"),
+        ("t5", {"max_distance": 16, "num_buckets": 32}, "option 'max_distance' must be > "),
         ("rope", {"scaling": "linear", "factor": 2.0, "mscale": 0.5}, "give scaling='yarn' or 'dynamic_yarn'"),
         ("rope", {"scaling": "yarn", "factor": 2.0, "mscale": -0.1}, "option 'mscale' must be a number >= 0.0"),
         ("rope", {"thetaa": 5.0}, "unknown option(s) ['thetaa'] for method 'rope'; valid options: factor, fraction"),

@@ -31,6 +31,13 @@ class T5BiasOptions(MethodOptions):
         check_range("max_distance", self.max_distance, 2, integer=True)
         if self.init not in ("alibi", "zeros"):
             raise ValueError(f"option 'init' must be one of ['alibi', 'zeros'], got {self.init!r}")
+        # T5's buckets: distances below max_exact get one bucket each, then log-spaced buckets up to max_distance
+        # (log(max_distance / max_exact) divides): max_distance must be past the exact ones
+        exact = self.num_buckets // 2 if shape is None or shape.causal else self.num_buckets // 4
+        if self.max_distance <= exact:
+            raise ValueError(f"option 'max_distance' must be > {exact} (the distances with a bucket each, "
+                             f"num_buckets={self.num_buckets} // {2 if shape is None or shape.causal else 4}), "
+                             f"got {self.max_distance}; raise max_distance or lower num_buckets")
 
 
 class T5Bias(PositionMethod):
