@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -58,6 +59,9 @@ class Recipe:
     evidence: str
     training_free: bool = False  # also score the converted model before the fine-tune (a training-free baseline)
     original_inside: bool = False  # the conversion equals the original up to the trained context (by construction)
+    # method option -> values: with a training-free baseline, the retrofit is the best of {training-free,
+    # fine-tuned} x these values on the fine-tune's own text at 2x the trained context (:func:`select_model`)
+    select: dict = field(default_factory=dict)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -67,8 +71,10 @@ RECIPES: dict[str, Recipe] = {
         name="dynamic-yarn-pose-distill", method="rope", options={"scaling": "dynamic_yarn", "factor": 4.0},
         train={"pose": {"factor": 4, "chunks": 2}, "distill": {"weight": 1.0, "temperature": 1.0, "lm_weight": 0.0}},
         evidence="docs/extrapolation.md section 2 (SmolLM2-135M, CPU): Dynamic YaRN x4 is the original up to 8k "
-                 "and the best training-free scaling past it; PoSE + self-distillation keeps it there",
-        training_free=True, original_inside=True),
+                 "and the best training-free scaling past it; PoSE + self-distillation keeps it near there, and "
+                 "YaRN's attention temperature fitted on the fine-tune text (mscale 0.5) beat YaRN's own (1) on "
+                 "both held-out corpora at 16k",
+        training_free=True, original_inside=True, select={"mscale": [1.0, 0.5]}),
     # a learned absolute table (GPT-2, BERT): ALiBi, fine-tuned on the LM loss and distilled from the original
     "learned": Recipe(
         name="alibi-distill", method="alibi", options={},
@@ -104,8 +110,10 @@ class Plan:
     passkey_lengths: list[int]
     depths: list[float]
     num_samples: int
+    selection_length: int = 0  # tokens of the fine-tune text the selection scores each candidate on (0: none)
     model_location: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    choice: dict = field(default_factory=dict)  # what :func:`select_model` chose (set after the fine-tune)
 
     @property
     def finetune_dir(self) -> Path:
@@ -216,6 +224,7 @@ def make_plan(args: argparse.Namespace, family_default: Callable[[Any], Recipe] 
         eval_tokens=args.eval_tokens or max(lengths) // 2,
         passkey_lengths=[n for n in lengths if PASSKEY_MIN <= n <= max(PASSKEY_MIN, trained // 2)],
         depths=[0.25, 0.75], num_samples=args.passkey_samples or 2,
+        selection_length=2 * trained if len(candidates(recipe)) > 1 else 0,
     )
     check_text(plan)
     return plan
@@ -258,6 +267,11 @@ def corpora(train, other: str | None) -> dict[str, Path]:
 
 
 def check_text(plan: Plan) -> None:
+    if plan.selection_length and len(training_text_tail(plan)) < plan.selection_length:
+        raise ValueError(
+            f"the training text has fewer than {plan.selection_length} characters, less than one window for choosing "
+            "the retrofit (2x the trained context); give more training text"
+        )
     for name, path in plan.corpora.items():
         text = path.read_text(errors="ignore")
         if len(text) < max(plan.lengths):  # a crude lower bound: every token is at least one character
@@ -363,14 +377,24 @@ def file_digest(path: Path) -> str:
 
 def score_model(plan: Plan, label: str, identity: Any, load: Callable, shared: bool,
                 skip_inside: dict | None = None) -> dict:
-    """{"ppl": {corpus: {length: scores | SKIPPED}}, "passkey": {...}} for one model, cached under everything that
-    produced it: ``eval/<label>-<key>.json`` (and the source cache when ``shared``: the same model and settings give
-    the same scores in any run). ``skip_inside``: scores to reuse at lengths <= the trained context (a conversion
-    that equals the original there)."""
+    """{"ppl": {corpus: {length: scores | SKIPPED}}, "passkey": {...}} for one model, cached by :func:`cached`.
+    ``skip_inside``: scores to reuse at lengths <= the trained context (a conversion that equals the original
+    there)."""
+
+    def compute():
+        model, tokenizer, limit = load()
+        return compute_scores(plan, model, tokenizer, limit, skip_inside)
+
+    return cached(plan, label, {"model": identity, "settings": eval_settings(plan)}, compute, shared)
+
+
+def cached(plan: Plan, label: str, identity: Any, compute: Callable[[], Any], shared: bool) -> Any:
+    """``compute()``, cached under everything that produced it: ``eval/<label>-<key>.json`` (and the source cache
+    when ``shared``: the same model and settings give the same scores in any run)."""
     from . import __version__ as version
     from .sources import cache_root
 
-    key = stage_key({"model": identity, "settings": eval_settings(plan), "hf_posenc": version})
+    key = stage_key({**identity, "hf_posenc": version})
     places = [plan.out / "eval" / f"{label}-{key}.json"]
     if shared:
         places.append(cache_root() / "scores" / f"{key}.json")
@@ -382,11 +406,9 @@ def score_model(plan: Plan, label: str, identity: Any, load: Callable, shared: b
                 if place != places[0]:  # found in the source cache: this run's folder gets its copy
                     write_json(places[0], {"label": label, "identity": identity, "scores": scores})
                 return scores
-        model, tokenizer, limit = load()
-        scores = compute_scores(plan, model, tokenizer, limit, skip_inside)
+        scores = compute()
         for place in places:
             write_json(place, {"label": label, "identity": identity, "scores": scores})
-        del model
     return scores
 
 
@@ -461,6 +483,107 @@ def load_original(plan: Plan, convert: tuple[str, dict] | None = None):
     return model, tokenizer, limit
 
 
+# ---- choosing the retrofit --------------------------------------------------------------------------------
+def candidates(recipe: Recipe) -> list[dict]:
+    """The models :func:`select_model` compares, simplest first: {"model": "training-free" | "fine-tuned",
+    "options": method options}. One (the fine-tuned model) for recipes without a training-free baseline."""
+    grid = [dict(zip(recipe.select, values)) for values in itertools.product(*recipe.select.values())] or [{}]
+    kinds = ["training-free", "fine-tuned"] if recipe.training_free else ["fine-tuned"]
+    return [{"model": kind, "options": {**recipe.options, **values}} for kind in kinds for values in grid]
+
+
+def training_text_tail(plan: Plan) -> str:
+    """The end of the fine-tune's training text, enough characters for one selection window (>= 1 per token)."""
+    from .training.data import read_texts
+
+    documents, _, _ = read_texts(plan.train.data)
+    return "\n\n".join(documents)[-8 * plan.selection_length:]
+
+
+def selection_window(plan: Plan, tokenizer):
+    """(L,) the last L = ``plan.selection_length`` tokens of the fine-tune's training text: what the selection
+    scores (the held-out texts stay unseen by every choice)."""
+    import torch
+
+    ids = tokenizer(training_text_tail(plan))["input_ids"][-plan.selection_length:]
+    if len(ids) < plan.selection_length:
+        raise ValueError(f"the training text's end has {len(ids)} tokens, fewer than {plan.selection_length}")
+    return torch.tensor(ids)
+
+
+def load_candidate(plan: Plan, final: Path, candidate: dict):
+    import torch
+
+    from .training import load_finetuned
+
+    if candidate["model"] == "training-free":
+        return load_original(plan, (plan.recipe.method, candidate["options"]))[:2]
+    model = load_finetuned(final, dtype=torch.float32, posenc_options=candidate["options"]).eval()
+    return model, None
+
+
+def select_model(plan: Plan, final: Path) -> dict:
+    """The retrofit: the candidate with the lowest perplexity on one window of the training text at 2x the trained
+    context (ties: the simpler, listed first). Every candidate's score goes to ``selection.json``."""
+    import transformers
+
+    from .integrations.long_context import window_scores
+
+    options = candidates(plan.recipe)
+    if len(options) == 1:
+        return {**options[0], "chosen_by": None}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(final)
+    window = selection_window(plan, tokenizer)
+    digest = hashlib.sha256(window.numpy().tobytes()).hexdigest()[:16]
+    scored = []
+    for candidate in options:
+        identity = {"candidate": candidate, "window": digest, "model": plan.train.model}
+        if candidate["model"] == "fine-tuned":
+            identity["finetune"] = train_identity(plan.train)
+        label = f"select-{candidate['model']}"
+
+        def compute(candidate=candidate):
+            import torch
+
+            model, _ = load_candidate(plan, final, candidate)
+            with torch.no_grad():
+                return window_scores(model, window, len(window), len(window), LAST_TOKENS)
+
+        scores = cached(plan, label, identity, compute, shared=candidate["model"] == "training-free")
+        print(f"      {candidate['model']} {options_text(candidate['options'])}: perplexity {scores['ppl']:.3f}")
+        scored.append({**candidate, **scores})
+    best = min(scored, key=lambda c: c["ppl"])  # min keeps the first of equals
+    choice = {"model": best["model"], "options": best["options"],
+              "chosen_by": {"tokens": len(window), "text": "the end of the training text", "candidates": scored}}
+    write_json(plan.out / "selection.json", choice)
+    return choice
+
+
+def retrofit_dir(plan: Plan, final: Path, choice: dict) -> Path:
+    """The retrofit as a model folder: the fine-tune's own when it was chosen as trained, else ``OUT/retrofit``
+    (the chosen model saved whole, written aside and renamed)."""
+    import transformers
+    from peft import PeftModel
+
+    from ._fs import replaced_dir
+
+    if choice["model"] == "fine-tuned" and choice["options"] == plan.recipe.options:
+        return final
+    out = plan.out / "retrofit"
+    marker = out / "choice.json"
+    if marker.is_file() and json.loads(marker.read_text()) == {**choice, "finetune": str(final)}:
+        return out
+    model, _ = load_candidate(plan, final, choice)
+    if isinstance(model, PeftModel):  # an unmerged LoRA fine-tune: the folder holds the merged weights
+        model = model.merge_and_unload()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(final)
+    with replaced_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "choice.json").write_text(json.dumps({**choice, "finetune": str(final)}, default=str))
+    return out
+
+
 def load_retrofit(final: Path):
     import torch
     import transformers
@@ -531,6 +654,7 @@ def write_report(plan: Plan, rows: dict[str, dict], seconds: float) -> Path:
         f"{plan.depths} x {plan.num_samples} prompts. `{SKIPPED}`: beyond the original's learned position table; "
         "cells equal to the original's inside its context are so by construction (same logits, tested).",
         "",
+        *selection_text(plan),
         tables(plan, rows),
         "",
         f"Wall time of this run: {seconds:.0f} s (stages found done were skipped); stages: "
@@ -540,6 +664,20 @@ def write_report(plan: Plan, rows: dict[str, dict], seconds: float) -> Path:
     path = plan.out / "report.md"
     path.write_text(text)
     return path
+
+
+def selection_text(plan: Plan) -> list[str]:
+    """The report's account of the choice: every candidate's perplexity on the training text, and the winner."""
+    chosen_by = plan.choice.get("chosen_by")
+    if not chosen_by:
+        return []
+    lines = [f"The retrofit is the {plan.choice['model']} model with {options_text(plan.choice['options'])}: the "
+             f"lowest perplexity of these candidates on the last {chosen_by['tokens']} tokens of the fine-tune's "
+             "training text (2x the trained context; the held-out texts below were never used to choose):", "",
+             f"| candidate | options | perplexity | last {LAST_TOKENS} |", "|---|---|---:|---:|"]
+    for c in chosen_by["candidates"]:
+        lines.append(f"| {c['model']} | {options_text(c['options'])} | {c['ppl']:.3f} | {c['last']:.3f} |")
+    return [*lines, ""]
 
 
 def plot(plan: Plan, rows: dict[str, dict]) -> list[Path]:
@@ -580,10 +718,14 @@ def logs_to_file(out: Path):
         handler.close()
 
 
+def stage_count(recipe: Recipe) -> int:
+    """fetch, fine-tune, [choose], original, [training-free], retrofit, report."""
+    return 5 + recipe.training_free + (len(candidates(recipe)) > 1)
+
+
 def run_stages(plan: Plan, started: float) -> dict[str, dict]:
     recipe = plan.recipe
-    training_free = recipe.training_free
-    total = 5 + training_free
+    total, step = stage_count(recipe), 2
 
     def timed(name, fn):
         t0 = time.perf_counter()
@@ -591,26 +733,48 @@ def run_stages(plan: Plan, started: float) -> dict[str, dict]:
         plan.timings[name] = time.perf_counter() - t0
         return result
 
-    say(2, total, f"fine-tuning {recipe.method} {recipe.options or ''} for {plan.train.max_steps} steps at "
-                  f"{plan.train.seq_len} tokens (recipe {recipe.name})")
+    def stage(text):
+        nonlocal step
+        say(step, total, text)
+        step += 1
+
+    stage(f"fine-tuning {recipe.method} {recipe.options or ''} for {plan.train.max_steps} steps at "
+          f"{plan.train.seq_len} tokens (recipe {recipe.name})")
     final = timed("fine-tune", lambda: finetune(plan))
+    if plan.selection_length:
+        stage(f"choosing the retrofit among {len(candidates(recipe))} candidates on {plan.selection_length} tokens of "
+              "the training text")
+    plan.choice = timed("choose", lambda: select_model(plan, final))
+    retrofit_model = retrofit_dir(plan, final, plan.choice)
     rows: dict[str, dict] = {}
     lengths = ", ".join(map(str, plan.lengths))
-    say(3, total, f"scoring the original at {lengths} on {', '.join(plan.corpora)}")
+    stage(f"scoring the original at {lengths} on {', '.join(plan.corpora)}")
     rows["original"] = timed("original", lambda: score_model(
         plan, "original", {"model": plan.train.model}, lambda: load_original(plan), shared=True))
-    if training_free:
+    if recipe.training_free:
         label = f"{recipe.method} {options_text(recipe.options)}, training-free"
-        say(4, total, f"scoring {label}" + (" past the trained context (the original inside it)"
-                                              if recipe.original_inside else ""))
+        stage(f"scoring {label}" + (" past the trained context (the original inside it)"
+                                    if recipe.original_inside else ""))
         rows[label] = timed("training-free", lambda: score_model(
             plan, "training-free", {"model": plan.train.model, "method": recipe.method, "options": recipe.options},
             lambda: load_original(plan, (recipe.method, recipe.options)), shared=True,
             skip_inside=rows["original"] if recipe.original_inside else None))
-    say(total - 1, total, f"scoring the retrofit ({recipe.name})")
+    stage(f"scoring the retrofit ({recipe.name}: {choice_text(plan.choice)})")
+    inside_is_original = recipe.original_inside and plan.choice["model"] == "training-free"
     rows[f"retrofit ({recipe.name})"] = timed("retrofit", lambda: score_model(
-        plan, "retrofit", {"finetune": train_identity(plan.train)}, lambda: load_retrofit(final), shared=False))
+        plan, "retrofit", {"finetune": train_identity(plan.train), **choice_key(plan.choice)},
+        lambda: load_retrofit(retrofit_model), shared=False,
+        skip_inside=rows["original"] if inside_is_original else None))
     return rows
+
+
+def choice_key(choice: dict) -> dict:
+    """What the retrofit model is (not how it was chosen); a recipe without a choice keeps its scores' old key."""
+    return {} if choice["chosen_by"] is None else {"choice": {"model": choice["model"], "options": choice["options"]}}
+
+
+def choice_text(choice: dict) -> str:
+    return f"the {choice['model']} model, {options_text(choice['options'])}"
 
 
 def options_text(options: dict) -> str:
@@ -625,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"hf-posenc retrofit: error: {err}", file=sys.stderr)
         return 2
-    total = 5 + plan.recipe.training_free
+    total = stage_count(plan.recipe)
     say(1, total, f"getting the model {plan.train.model}")
     try:
         location = fetch_model(plan)
@@ -650,7 +814,7 @@ def export_retrofit(plan: Plan) -> int:
     """``--export``: the fine-tuned model -> ``OUT/export`` (replaced by each run), see docs/export.md."""
     from .exporters import export
 
-    model, tokenizer, _ = load_retrofit(plan.finetune_dir)
+    model, tokenizer, _ = load_retrofit(retrofit_dir(plan, plan.finetune_dir, plan.choice))
     try:
         out = export(model, plan.out / "export", tokenizer=tokenizer, overwrite=True)
     except ValueError as err:

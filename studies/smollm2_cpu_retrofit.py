@@ -56,7 +56,7 @@ def run_finetuned(name: str, args, rows: dict) -> None:
             rows[name] = {**row, "finetune": retrofit.finetune_summary(plan)}
         elif saved["label"] == "original":
             rows.setdefault("original", row)
-        else:  # the recipe's conversion before its fine-tune
+        elif saved["label"] == "training-free":  # the recipe's conversion before its fine-tune (not select-*)
             rows.setdefault(f"{plan.recipe.method} {retrofit.options_text(plan.recipe.options)}, training-free", row)
 
 

@@ -31,3 +31,18 @@ def text_path() -> Path:
     from tiny_models import TEXT
 
     return TEXT
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """A saved tiny Llama with a tokenizer, as a retrofit --model; shared scores go to a temporary source cache."""
+    import shutil
+
+    from tiny_models import tiny_model
+
+    monkeypatch.setenv("HF_POSENC_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(model)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, model)
+    return model

@@ -134,3 +134,41 @@ def test_too_little_text_is_refused(tmp_path, tiny_checkpoint, capsys):
                           "--heldout", str(short), "--out", str(tmp_path / "o")])
     assert code == 2
     assert "fewer than one" in capsys.readouterr().err
+
+
+def test_rotary_default_chooses_the_retrofit_on_the_training_text(tmp_path, tiny_llama_dir, capsys):
+    """A rotary model's recipe (training-free baseline + a temperature grid): every candidate is scored on the end
+    of the training text, the lowest perplexity is the retrofit (saved whole when it is not the plain fine-tune,
+    with the chosen options), the report shows the table, and a re-run reuses every score."""
+    import hf_posenc
+
+    assert run(tmp_path, tiny_llama_dir, method=()) == 0
+    printed = capsys.readouterr().out
+    assert "[3/7] choosing the retrofit among 4 candidates on 128 tokens" in printed
+    out = tmp_path / "run"
+    choice = json.loads((out / "selection.json").read_text())
+    scored = choice["chosen_by"]["candidates"]
+    assert [(c["model"], c["options"]["mscale"]) for c in scored] == [
+        ("training-free", 1.0), ("training-free", 0.5), ("fine-tuned", 1.0), ("fine-tuned", 0.5)]
+    best = min(scored, key=lambda c: c["ppl"])
+    assert (choice["model"], choice["options"]) == (best["model"], best["options"])
+    assert scored[0]["ppl"] != scored[1]["ppl"] and scored[0]["ppl"] != scored[2]["ppl"]  # options and weights reach
+    report = (out / "report.md").read_text()
+    assert "| candidate | options | perplexity |" in report and f"The retrofit is the {best['model']} model" in report
+    if (best["model"], best["options"]["mscale"]) != ("fine-tuned", 1.0):
+        saved = hf_posenc.from_pretrained(out / "retrofit")
+        assert saved.config.posenc["options"] == best["options"]
+
+    assert run(tmp_path, tiny_llama_dir, method=()) == 0
+    again = capsys.readouterr().out
+    assert "found the fine-tuned model" in again and again.count("skipping") == 1 + 4 + 3  # fine-tune, candidates, three rows
+
+
+def test_a_training_text_too_short_to_choose_on_is_refused(tmp_path, tiny_llama_dir, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be. " * 3)
+    code = retrofit.main(["--model", str(tiny_llama_dir), "--data", str(short), "--heldout", str(TEXT),
+                          "--seq-len", "32", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "less than one window for choosing the retrofit" in capsys.readouterr().err
+    assert not list((tmp_path / "o").glob("finetune-*"))

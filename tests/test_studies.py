@@ -118,21 +118,6 @@ def test_smollm2_study_quick(tmp_path, monkeypatch):
     assert all("time budget" in skipped[n]["skipped"] for n in names[1:])
 
 
-@pytest.fixture
-def tiny_llama_dir(tmp_path, tiny_tokenizer_dir, monkeypatch):
-    """A saved tiny Llama with a tokenizer, as a retrofit --model; shared scores go to a temporary source cache."""
-    import shutil
-
-    from tiny_models import tiny_model
-
-    monkeypatch.setenv("HF_POSENC_CACHE", str(tmp_path / "cache"))
-    model = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(model)
-    for f in tiny_tokenizer_dir.iterdir():
-        shutil.copy(f, model)
-    return model
-
-
 def test_smollm2_cpu_study_rows_on_a_tiny_llama(tmp_path, tiny_llama_dir):
     """The CPU study's plumbing: fine-tuned rows through hf-posenc retrofit, training-free rows scored alone, the
     original shared through the source cache, one results.json / table.md."""
