@@ -46,3 +46,19 @@ def tiny_llama_dir(tmp_path, tiny_tokenizer_dir, monkeypatch):
     for f in tiny_tokenizer_dir.iterdir():
         shutil.copy(f, model)
     return model
+
+
+@pytest.fixture
+def kernels_seen(monkeypatch):
+    """The kernel names ``dispatch.choose_kernel`` returns while the test runs, in order."""
+    from hf_posenc.backends import dispatch
+
+    seen = []
+    original = dispatch.choose_kernel
+
+    def spy(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(dispatch, "choose_kernel", spy)
+    return seen

@@ -42,19 +42,6 @@ def left_padded(length: int, pad: int):
     return x, mask
 
 
-@pytest.fixture
-def kernels_seen(monkeypatch):
-    seen = []
-    original = dispatch.choose_kernel
-
-    def spy(*args, **kwargs):
-        seen.append(original(*args, **kwargs))
-        return seen[-1]
-
-    monkeypatch.setattr(dispatch, "choose_kernel", spy)
-    return seen
-
-
 def logits_with(model, backend: str, *args, **kwargs) -> torch.Tensor:
     hf_posenc.set_backend(model, backend)
     with torch.no_grad():

@@ -131,22 +131,8 @@ def test_gradcheck_in_double():
 
 
 # ---- inside converted models ------------------------------------------------------------------------------
-def chosen_kernels(model, x, monkeypatch) -> list[str]:
-    seen = []
-    original = dispatch.choose_kernel
-
-    def spy(*args, **kwargs):
-        seen.append(original(*args, **kwargs))
-        return seen[-1]
-
-    monkeypatch.setattr(dispatch, "choose_kernel", spy)
-    model(x, labels=x).loss.backward()
-    monkeypatch.setattr(dispatch, "choose_kernel", original)
-    return seen
-
-
 @pytest.mark.parametrize("family", ["gpt2", "llama"])  # Llama: GQA (6 query heads, 2 key/value heads)
-def test_training_a_converted_model_matches_sdpa(family, monkeypatch):
+def test_training_a_converted_model_matches_sdpa(family, kernels_seen):
     """fp64 model, all weights trainable: every gradient (the T5 table included) equals the sdpa backend's."""
     model = hf_posenc.convert(tiny_model(family), "t5", max_distance=40).double().eval()  # eval: no dropout
     torch.manual_seed(1)
@@ -156,7 +142,9 @@ def test_training_a_converted_model_matches_sdpa(family, monkeypatch):
     for backend in ("sdpa", "auto"):
         hf_posenc.set_backend(model, backend)
         model.zero_grad()
-        seen = chosen_kernels(model, x, monkeypatch)
+        kernels_seen.clear()
+        model(x, labels=x).loss.backward()
+        seen = list(kernels_seen)
         grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         assert set(seen) == ({"sdpa-banded"} if backend == "auto" else {"sdpa"})
     assert any("relative_attention_bias" in name for name in grads["auto"])
