@@ -6,7 +6,8 @@ and all-token perplexity of the first ``--windows`` windows of each held-out tex
     OMP_NUM_THREADS=1 python studies/smollm2_recipe_variants.py --out runs/retrofit-smollm2-135m-dynamic-yarn-pose-distill \
         --rows training-free,default --lengths 8192,16384 --windows 2
 
-``--out`` is a retrofit output folder: a fine-tune already there (same settings) is reused, not repeated.
+``training-free-mscale-0.5``: the same conversion with YaRN's attention temperature at 0.5 (what the retrofit
+chooses on SmolLM2). ``--out`` is a retrofit output folder: a fine-tune already there (same settings) is reused, not repeated.
 """
 
 from __future__ import annotations
@@ -26,21 +27,25 @@ VARIANTS: dict[str, dict] = {  # row -> TrainConfig overrides on top of the defa
                       "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}, "lr": 2.0e-4},
 }
 TRAINING_FREE = "training-free"
+TRAINING_FREE_VARIANTS: dict[str, dict] = {  # row -> method options on top of the recipe's, no fine-tune
+    TRAINING_FREE: {},
+    "training-free-mscale-0.5": {"mscale": 0.5},  # the retrofit's choice on SmolLM2 (docs/extrapolation.md §2c)
+}
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="a retrofit output folder (fine-tunes land and are reused here)")
     parser.add_argument("--rows", default=f"{TRAINING_FREE},default",
-                        help=f"comma-separated: {TRAINING_FREE}, {', '.join(VARIANTS)}")
+                        help=f"comma-separated: {', '.join(TRAINING_FREE_VARIANTS)}, {', '.join(VARIANTS)}")
     parser.add_argument("--lengths", default="8192,16384")
     parser.add_argument("--windows", type=int, default=2, help="windows per length, from the start of each text")
     parser.add_argument("--retrofit-args", default="", help="extra hf-posenc retrofit flags (model, data, steps)")
     args = parser.parse_args(argv)
     rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in rows if r != TRAINING_FREE and r not in VARIANTS]
+    unknown = [r for r in rows if r not in TRAINING_FREE_VARIANTS and r not in VARIANTS]
     if unknown:
-        parser.error(f"unknown rows {unknown}; known: {TRAINING_FREE}, {', '.join(VARIANTS)}")
+        parser.error(f"unknown rows {unknown}; known: {', '.join(TRAINING_FREE_VARIANTS)}, {', '.join(VARIANTS)}")
     if args.windows < 1:
         parser.error("--windows must be >= 1")
     args.rows, args.lengths = rows, [int(n) for n in args.lengths.split(",")]
@@ -48,7 +53,7 @@ def parse_args(argv):
 
 
 def plan_for(row: str, out: str, retrofit_args: str):
-    """The retrofit plan of one row (the training-free row: the default recipe's, never fine-tuned)."""
+    """The retrofit plan of one row (the training-free rows: the default recipe's, never fine-tuned)."""
     from hf_posenc import retrofit
 
     overrides = VARIANTS.get(row, {})
@@ -71,9 +76,10 @@ def score_row(row: str, args) -> dict:
     plan, recipe = plan_for(row, args.out, args.retrofit_args)
     retrofit.fetch_model(plan)
     started = time.time()
-    if row == TRAINING_FREE:
-        model, tokenizer, _ = retrofit.load_original(plan, (recipe.method, recipe.options))
-        result = {"finetune": None}
+    if row in TRAINING_FREE_VARIANTS:
+        options = {**recipe.options, **TRAINING_FREE_VARIANTS[row]}
+        model, tokenizer, _ = retrofit.load_original(plan, (recipe.method, options))
+        result = {"finetune": None, "options": options}
     else:
         model, tokenizer, _ = retrofit.load_retrofit(retrofit.finetune(plan))
         result = {"finetune": {**retrofit.finetune_summary(plan), "dir": str(plan.finetune_dir),

@@ -146,10 +146,12 @@ def test_recipe_variants_score_several_windows_on_a_tiny_llama(tmp_path, tiny_ll
     extra = (f"--model {model} --data {TEXT} --heldout {TEXT} --other-heldout {DATA / 'other.txt'} --steps 2 "
              "--seq-len 32 --batch-size 2")
     out = tmp_path / "variants"
-    assert study.main(["--out", str(out), "--rows", "training-free,default,pose-2x", "--lengths", "64,128",
+    assert study.main(["--out", str(out), "--rows", "training-free,training-free-mscale-0.5,default,pose-2x", "--lengths", "64,128",
                        "--windows", "2", "--retrofit-args", extra]) == 0
     rows = json.loads((out / "variants-W2.json").read_text())
     assert rows["training-free"]["finetune"] is None
+    assert rows["training-free-mscale-0.5"]["options"]["mscale"] == 0.5
+    assert rows["training-free-mscale-0.5"]["tempest@128"] != rows["training-free"]["tempest@128"]
     assert rows["default"]["finetune"]["dir"] != rows["pose-2x"]["finetune"]["dir"]
     assert all(rows[r][f"tempest@{n}"]["windows"] == 2 for r in rows for n in (64, 128))
     assert "| pose-2x |" in (out / "variants-W2.md").read_text()
