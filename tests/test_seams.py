@@ -183,3 +183,13 @@ def test_attention_writes_new_keys_through_the_cache_instances_update(family):
     assert keys is not None and tuple(keys.shape[-2:]) == (5, written[0][-1]), moved(
         "DynamicLayer.keys (B, Hkv, n, D)", "to rotate the keys of a cache a forward created"
     )
+
+
+def test_lm_eval_hflm_reads_rank_and_world_size_from_its_private_fields():
+    """lm-eval internal: ``HFPosencLM._join_data_parallel`` sets HFLM's ``_rank`` / ``_world_size`` (lm-eval 0.4.x
+    sets them from Accelerate only with more than one GPU); its ``rank`` / ``world_size`` must read them."""
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM.__new__(HFLM)  # no model: only the two properties are under test
+    lm._rank, lm._world_size = 3, 4
+    assert (lm.rank, lm.world_size) == (3, 4)
