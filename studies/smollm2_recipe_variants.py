@@ -30,7 +30,9 @@ TRAINING_FREE = "training-free"
 TRAINING_FREE_VARIANTS: dict[str, dict] = {  # row -> method options on top of the recipe's, no fine-tune
     TRAINING_FREE: {},
     "training-free-mscale-0.5": {"mscale": 0.5},  # the retrofit's choice on SmolLM2 (docs/extrapolation.md §2c)
+    "dynamic-ntk": {"scaling": "dynamic", "factor": 4.0},  # transformers' dynamic NTK x4 (the passkey target's row)
 }
+PASSKEY_DEPTHS = [0.25, 0.75]
 
 
 def parse_args(argv):
@@ -40,6 +42,9 @@ def parse_args(argv):
                         help=f"comma-separated: {', '.join(TRAINING_FREE_VARIANTS)}, {', '.join(VARIANTS)}")
     parser.add_argument("--lengths", default="8192,16384")
     parser.add_argument("--windows", type=int, default=2, help="windows per length, from the start of each text")
+    parser.add_argument("--passkey-lengths", default="", help="comma-separated lengths to score passkey at (none: '')")
+    parser.add_argument("--passkey-samples", type=int, default=5,
+                        help=f"passkey prompts per depth ({len(PASSKEY_DEPTHS)} depths: {PASSKEY_DEPTHS})")
     parser.add_argument("--retrofit-args", default="", help="extra hf-posenc retrofit flags (model, data, steps)")
     args = parser.parse_args(argv)
     rows = [r for r in args.rows.split(",") if r]
@@ -48,7 +53,9 @@ def parse_args(argv):
         parser.error(f"unknown rows {unknown}; known: {', '.join(TRAINING_FREE_VARIANTS)}, {', '.join(VARIANTS)}")
     if args.windows < 1:
         parser.error("--windows must be >= 1")
-    args.rows, args.lengths = rows, [int(n) for n in args.lengths.split(",")]
+    args.rows = rows
+    args.lengths, args.passkey_lengths = ([int(n) for n in text.split(",") if n] for text in (args.lengths,
+                                                                                              args.passkey_lengths))
     return args
 
 
@@ -71,7 +78,7 @@ def score_row(row: str, args) -> dict:
     import torch
 
     from hf_posenc import retrofit
-    from hf_posenc.integrations.long_context import window_scores
+    from hf_posenc.integrations.long_context import passkey_accuracy, passkey_docs, window_scores
 
     plan, recipe = plan_for(row, args.out, args.retrofit_args)
     retrofit.fetch_model(plan)
@@ -91,16 +98,24 @@ def score_row(row: str, args) -> dict:
             for n in args.lengths:
                 result[f"{corpus}@{n}"] = window_scores(model, ids, n, n * args.windows, retrofit.LAST_TOKENS)
                 print(row, corpus, n, result[f"{corpus}@{n}"], flush=True)
+        if args.passkey_lengths:
+            docs = passkey_docs(tokenizer, args.passkey_lengths, PASSKEY_DEPTHS, args.passkey_samples)
+            result["passkey"] = passkey_accuracy(model, docs)
+            print(row, "passkey", result["passkey"], flush=True)
     return result
 
 
-def table(results: dict, lengths: list[int]) -> str:
+def table(results: dict, lengths: list[int], passkey_lengths: list[int] = ()) -> str:
+    """Last-1024-token perplexity per corpus and length, then passkey accuracy (prompts) per length."""
     corpora = sorted({key.split("@")[0] for r in results.values() for key in r if "@" in key})
-    head = [f"{c} {n}" for c in corpora for n in lengths]
+    head = [f"{c} {n}" for c in corpora for n in lengths] + [f"passkey {n}" for n in passkey_lengths]
     lines = ["| row | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
     for row, r in results.items():
         cells = [r.get(f"{c}@{n}", {}) for c in corpora for n in lengths]
-        lines.append(f"| {row} | " + " | ".join(f"{x['last']:.2f}" if "last" in x else "—" for x in cells) + " |")
+        texts = [f"{x['last']:.2f}" if "last" in x else "—" for x in cells]
+        key = r.get("passkey", {})
+        texts += [f"{key[str(n)]:.2f} ({key[f'{n}/n']})" if str(n) in key else "—" for n in passkey_lengths]
+        lines.append(f"| {row} | " + " | ".join(texts) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -110,8 +125,8 @@ def main(argv=None) -> int:
     results = {row: score_row(row, args) for row in args.rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"variants-W{args.windows}.json").write_text(json.dumps(results, indent=1))
-    (out / f"variants-W{args.windows}.md").write_text(table(results, args.lengths))
-    print(table(results, args.lengths))
+    (out / f"variants-W{args.windows}.md").write_text(table(results, args.lengths, args.passkey_lengths))
+    print(table(results, args.lengths, args.passkey_lengths))
     return 0
 
 

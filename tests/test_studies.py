@@ -155,3 +155,19 @@ def test_recipe_variants_score_several_windows_on_a_tiny_llama(tmp_path, tiny_ll
     assert rows["default"]["finetune"]["dir"] != rows["pose-2x"]["finetune"]["dir"]
     assert all(rows[r][f"tempest@{n}"]["windows"] == 2 for r in rows for n in (64, 128))
     assert "| pose-2x |" in (out / "variants-W2.md").read_text()
+
+
+def test_recipe_variants_score_passkey_with_the_asked_prompts(tmp_path, tiny_llama_dir):
+    """Passkey rows (training-free scalings, no perplexity): 2 depths x --passkey-samples prompts per length."""
+    from tiny_models import DATA
+
+    study = load_script("smollm2_recipe_variants")
+    extra = f"--model {tiny_llama_dir} --data {TEXT} --heldout {TEXT} --other-heldout {DATA / 'other.txt'} --seq-len 32"
+    out = tmp_path / "passkey"
+    assert study.main(["--out", str(out), "--rows", "dynamic-ntk,training-free", "--lengths", "",
+                       "--passkey-lengths", "512", "--passkey-samples", "3", "--windows", "1",
+                       "--retrofit-args", extra]) == 0
+    rows = json.loads((out / "variants-W1.json").read_text())
+    assert rows["dynamic-ntk"]["options"]["scaling"] == "dynamic"
+    assert all(rows[r]["passkey"]["512/n"] == 6 for r in rows)
+    assert "| dynamic-ntk |" in (out / "variants-W1.md").read_text()
