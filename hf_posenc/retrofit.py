@@ -454,9 +454,13 @@ def compute_scores(plan: Plan, model, tokenizer, limit: int | None, skip_inside:
         bar.update(sum(len(d["ids"]) for d in docs))
     for n in plan.lengths:
         if str(n) not in passkey:
-            too_short = n < PASSKEY_MIN or n in plan.passkey_lengths  # no prompt fits: the instructions fill it
-            passkey[str(n)] = SKIPPED if n not in usable else TOO_SHORT if too_short else NOT_RUN
+            passkey[str(n)] = SKIPPED if n not in usable else unscored_passkey(plan, n)
     return {"ppl": ppl, "passkey": passkey}
+
+
+def unscored_passkey(plan: Plan, n: int) -> str:
+    """Why a usable length has no passkey score: no prompt fits (the instructions fill it), or not run."""
+    return TOO_SHORT if n < PASSKEY_MIN or n in plan.passkey_lengths else NOT_RUN
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -618,8 +622,9 @@ def passkey_table(plan: Plan, rows: dict[str, dict]) -> str:
     lines = ["| model | " + " | ".join(lengths) + " |", "|---|" + "---:|" * len(lengths)]
     for label, scores in rows.items():
         key = scores["passkey"]
-        cells = [f"{key[n]:.2f} ({key[n + '/n']})" if isinstance(key.get(n), float) else str(key.get(n, "—"))
-                 for n in lengths]
+        # a gap is labelled by this plan (scores cached by an older version may say otherwise)
+        cells = [f"{key[n]:.2f} ({key[n + '/n']})" if isinstance(key.get(n), float)
+                 else SKIPPED if key.get(n) == SKIPPED else unscored_passkey(plan, int(n)) for n in lengths]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -172,3 +172,15 @@ def test_a_training_text_too_short_to_choose_on_is_refused(tmp_path, tiny_llama_
     assert code == 2
     assert "less than one window for choosing the retrofit" in capsys.readouterr().err
     assert not list((tmp_path / "o").glob("finetune-*"))
+
+
+def test_passkey_gaps_are_labelled_by_the_plan_not_the_cached_scores():
+    """A score cached by an older version said n/a where this one says not run: the table labels every row alike."""
+    plan = retrofit.Plan(out=None, recipe=None, train=None, trained_length=8192, lengths=[1024, 16384], corpora={},
+                         eval_tokens=0, passkey_lengths=[1024], depths=[0.5], num_samples=1)
+    rows = {"old": {"passkey": {"1024": 1.0, "1024/n": 2, "16384": retrofit.TOO_SHORT}},
+            "new": {"passkey": {"1024": 0.5, "1024/n": 2, "16384": retrofit.NOT_RUN}},
+            "table": {"passkey": {"1024": retrofit.SKIPPED, "16384": retrofit.SKIPPED}}}
+    lines = retrofit.passkey_table(plan, rows).splitlines()
+    assert lines[2:] == [f"| old | 1.00 (2) | {retrofit.NOT_RUN} |", f"| new | 0.50 (2) | {retrofit.NOT_RUN} |",
+                         "| table | skipped | skipped |"]
