@@ -195,13 +195,10 @@ def _check_head(model: nn.Module) -> None:
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Non-reentrant activation checkpointing. Position terms shared across layers within one forward must then
-    be built per layer: a term memoised across layers is rebuilt in only some recomputed layers, which
-    torch.utils.checkpoint rejects when the term depends on trainable parameters (T5's table). Cores whose
-    methods have ``begin_forward`` switch sharing off themselves under checkpointing; older ones get it here."""
+    be built per layer (a term memoised across layers is rebuilt in only some recomputed layers, which
+    torch.utils.checkpoint rejects when it depends on trainable parameters: T5's table); every method's
+    ``begin_forward`` switches sharing off itself while checkpointing is on."""
     model.activation_checkpointing_enable({"use_reentrant": False})
-    method = getattr(model.base_model, METHOD_MODULE, None)
-    if method is not None and not hasattr(method, "begin_forward") and any(True for _ in method.parameters()):
-        method.shared = lambda key, build: build()  # instance attribute: per-layer terms, no cross-layer memo
 
 
 # ---- LoRA -------------------------------------------------------------------------------------------------
