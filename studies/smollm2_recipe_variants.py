@@ -32,7 +32,7 @@ TRAINING_FREE_VARIANTS: dict[str, dict] = {  # row -> method options on top of t
     "training-free-mscale-0.5": {"mscale": 0.5},  # the retrofit's choice on SmolLM2 (docs/extrapolation.md §2c)
     "dynamic-ntk": {"scaling": "dynamic", "factor": 4.0},  # transformers' dynamic NTK x4 (the passkey target's row)
 }
-PASSKEY_DEPTHS = [0.25, 0.75]
+PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]  # as the H200 study (docs/extrapolation.md §2b)
 
 
 def parse_args(argv):
@@ -43,7 +43,7 @@ def parse_args(argv):
     parser.add_argument("--lengths", default="8192,16384")
     parser.add_argument("--windows", type=int, default=2, help="windows per length, from the start of each text")
     parser.add_argument("--passkey-lengths", default="", help="comma-separated lengths to score passkey at (none: '')")
-    parser.add_argument("--passkey-samples", type=int, default=5,
+    parser.add_argument("--passkey-samples", type=int, default=2,
                         help=f"passkey prompts per depth ({len(PASSKEY_DEPTHS)} depths: {PASSKEY_DEPTHS})")
     parser.add_argument("--retrofit-args", default="", help="extra hf-posenc retrofit flags (model, data, steps)")
     args = parser.parse_args(argv)
