@@ -571,7 +571,7 @@ def retrofit_dir(plan: Plan, final: Path, choice: dict) -> Path:
 
     from ._fs import replaced_dir
 
-    if choice["model"] == "fine-tuned" and choice["options"] == plan.recipe.options:
+    if choice["model"] == "fine-tuned" and same_options(plan.recipe.method, choice["options"], plan.recipe.options):
         return final
     out = plan.out / "retrofit"
     marker = out / "choice.json"
@@ -586,6 +586,14 @@ def retrofit_dir(plan: Plan, final: Path, choice: dict) -> Path:
         tokenizer.save_pretrained(tmp)
         (tmp / "choice.json").write_text(json.dumps({**choice, "finetune": str(final)}, default=str))
     return out
+
+
+def same_options(method: str, a: dict, b: dict) -> bool:
+    """Whether two option dicts configure the method alike (an option left out = its default)."""
+    from .registry import method_class
+
+    options = method_class(method).Options
+    return options.from_dict(method, a).to_dict() == options.from_dict(method, b).to_dict()
 
 
 def load_retrofit(final: Path):
@@ -749,7 +757,9 @@ def run_stages(plan: Plan, started: float) -> dict[str, dict]:
     if plan.selection_length:
         stage(f"choosing the retrofit among {len(candidates(recipe))} candidates on {plan.selection_length} tokens of "
               "the training text")
-    plan.choice = timed("choose", lambda: select_model(plan, final))
+        plan.choice = timed("choose", lambda: select_model(plan, final))
+    else:
+        plan.choice = select_model(plan, final)  # the one candidate: the fine-tune
     retrofit_model = retrofit_dir(plan, final, plan.choice)
     rows: dict[str, dict] = {}
     lengths = ", ".join(map(str, plan.lengths))

@@ -184,3 +184,11 @@ def test_passkey_gaps_are_labelled_by_the_plan_not_the_cached_scores():
     lines = retrofit.passkey_table(plan, rows).splitlines()
     assert lines[2:] == [f"| old | 1.00 (2) | {retrofit.NOT_RUN} |", f"| new | 0.50 (2) | {retrofit.NOT_RUN} |",
                          "| table | skipped | skipped |"]
+
+
+def test_options_left_at_their_default_are_the_same_options():
+    """The plain fine-tune chosen at mscale 1 (YaRN's default) is the fine-tune's own folder, not a copy."""
+    assert retrofit.same_options("rope", {"scaling": "yarn", "factor": 2.0, "mscale": 1.0},
+                                 {"scaling": "yarn", "factor": 2.0})
+    assert not retrofit.same_options("rope", {"scaling": "yarn", "factor": 2.0, "mscale": 0.5},
+                                     {"scaling": "yarn", "factor": 2.0})
