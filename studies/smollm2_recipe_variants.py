@@ -31,6 +31,7 @@ TRAINING_FREE_VARIANTS: dict[str, dict] = {  # row -> method options on top of t
     TRAINING_FREE: {},
     "training-free-mscale-0.5": {"mscale": 0.5},  # the retrofit's choice on SmolLM2 (docs/extrapolation.md §2c)
     "dynamic-ntk": {"scaling": "dynamic", "factor": 4.0},  # transformers' dynamic NTK x4 (the passkey target's row)
+    "yarn-x4": {"scaling": "yarn", "factor": 4.0},  # static YaRN x4 (YaRN's own temperature)
 }
 PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]  # as the H200 study (docs/extrapolation.md §2b)
 
