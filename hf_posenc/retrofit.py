@@ -516,14 +516,14 @@ def selection_window(plan: Plan, tokenizer):
 
 
 def load_candidate(plan: Plan, final: Path, candidate: dict):
+    """The candidate's model (fp32, eval); its tokenizer is the fine-tune's."""
     import torch
 
     from .training import load_finetuned
 
     if candidate["model"] == "training-free":
-        return load_original(plan, (plan.recipe.method, candidate["options"]))[:2]
-    model = load_finetuned(final, dtype=torch.float32, posenc_options=candidate["options"]).eval()
-    return model, None
+        return load_original(plan, (plan.recipe.method, candidate["options"]))[0]
+    return load_finetuned(final, dtype=torch.float32, posenc_options=candidate["options"]).eval()
 
 
 def select_model(plan: Plan, final: Path) -> dict:
@@ -549,7 +549,7 @@ def select_model(plan: Plan, final: Path) -> dict:
         def compute(candidate=candidate):
             import torch
 
-            model, _ = load_candidate(plan, final, candidate)
+            model = load_candidate(plan, final, candidate)
             with torch.no_grad():
                 return window_scores(model, window, len(window), len(window), LAST_TOKENS)
 
@@ -577,7 +577,7 @@ def retrofit_dir(plan: Plan, final: Path, choice: dict) -> Path:
     marker = out / "choice.json"
     if marker.is_file() and json.loads(marker.read_text()) == {**choice, "finetune": str(final)}:
         return out
-    model, _ = load_candidate(plan, final, choice)
+    model = load_candidate(plan, final, choice)
     if isinstance(model, PeftModel):  # an unmerged LoRA fine-tune: the folder holds the merged weights
         model = model.merge_and_unload()
     tokenizer = transformers.AutoTokenizer.from_pretrained(final)
