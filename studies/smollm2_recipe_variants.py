@@ -107,7 +107,7 @@ def score_row(row: str, args) -> dict:
 
 
 def table(results: dict, lengths: list[int], passkey_lengths: list[int] = ()) -> str:
-    """Last-1024-token perplexity per corpus and length, then passkey accuracy (prompts) per length."""
+    """Last-1024-token perplexity per corpus and length, then passkey accuracy (prompts; the answer's mean NLL)."""
     corpora = sorted({key.split("@")[0] for r in results.values() for key in r if "@" in key})
     head = [f"{c} {n}" for c in corpora for n in lengths] + [f"passkey {n}" for n in passkey_lengths]
     lines = ["| row | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
@@ -115,9 +115,16 @@ def table(results: dict, lengths: list[int], passkey_lengths: list[int] = ()) ->
         cells = [r.get(f"{c}@{n}", {}) for c in corpora for n in lengths]
         texts = [f"{x['last']:.2f}" if "last" in x else "—" for x in cells]
         key = r.get("passkey", {})
-        texts += [f"{key[str(n)]:.2f} ({key[f'{n}/n']})" if str(n) in key else "—" for n in passkey_lengths]
+        texts += [passkey_cell(key, n) for n in passkey_lengths]
         lines.append(f"| {row} | " + " | ".join(texts) + " |")
     return "\n".join(lines) + "\n"
+
+
+def passkey_cell(scores: dict, n: int) -> str:
+    if str(n) not in scores:
+        return "—"
+    nll = f"; NLL {scores[f'{n}/nll']:.2f}" if f"{n}/nll" in scores else ""  # older results have no NLL
+    return f"{scores[str(n)]:.2f} ({scores[f'{n}/n']}{nll})"
 
 
 def main(argv=None) -> int:

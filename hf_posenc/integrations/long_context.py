@@ -78,18 +78,23 @@ def passkey_docs(tokenizer, lengths, depths, samples: int) -> list[dict]:
 
 @torch.no_grad()
 def passkey_accuracy(model, docs: list[dict]) -> dict[str, float]:
-    """{"<L>": accuracy, "<L>@<depth>": accuracy, "<L>/n": prompts}; hit = argmax reproduces every answer token."""
+    """{"<L>": accuracy, "<L>@<depth>": accuracy, "<L>/n": prompts, "<L>/nll": mean NLL (nats) of the answer
+    tokens}; hit = argmax reproduces every answer token. The NLL is the continuous score behind the hits: it tells
+    two models with the same hit count apart, and moves before a hit flips."""
     hits: dict[str, list[float]] = {}
+    nlls: dict[str, list[float]] = {}
     device = model.device
     for doc in docs:
         ids = torch.tensor(doc["ids"], device=device)
         a = doc["answer_from"]
         with autocast(device):
             hidden = model.base_model(input_ids=ids[None], use_cache=False).last_hidden_state[0, a - 1 : -1]
-            guess = model.get_output_embeddings()(hidden).argmax(-1)  # (answer tokens,)
-        hit = float(torch.equal(guess, ids[a:]))
+            logits = model.get_output_embeddings()(hidden).float()  # (answer tokens, vocab)
+        hit = float(torch.equal(logits.argmax(-1), ids[a:]))
         for key in (str(doc["length"]), f"{doc['length']}@{doc['depth']:g}"):
             hits.setdefault(key, []).append(hit)
+        nlls.setdefault(str(doc["length"]), []).append(float(F.cross_entropy(logits, ids[a:])))
     scores = {key: sum(v) / len(v) for key, v in hits.items()}
     scores.update({f"{key}/n": len(v) for key, v in hits.items() if "@" not in key})
+    scores.update({f"{key}/nll": sum(v) / len(v) for key, v in nlls.items()})
     return scores
