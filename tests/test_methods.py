@@ -259,6 +259,37 @@ def test_dynamic_yarn_mscale_is_yarn_mscale_at_the_inputs_scale(family):
     torch.testing.assert_close(dynamic(x[:, :OLD_LIMIT]).logits, default(x[:, :OLD_LIMIT]).logits)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_dynamic_yarn_growth_is_yarn_at_the_grown_scale(family):
+    """growth 2 at 2 L_train: scale 1 + 2 * (2 - 1) = 3, i.e. YaRN x3 (frequencies and temperature); inside L_train
+    still the unscaled rotary; and not what growth 1 (YaRN x2) gives."""
+    x = torch.randint(4, 300, (1, 2 * OLD_LIMIT), generator=torch.Generator().manual_seed(0))
+    grown = hf_posenc.convert(tiny_model(family), "rope", scaling="dynamic_yarn", factor=4.0, growth=2.0)
+    yarn3 = hf_posenc.convert(tiny_model(family), "rope", scaling="yarn", factor=3.0)
+    default = hf_posenc.convert(tiny_model(family), "rope", scaling="dynamic_yarn", factor=4.0)
+    torch.testing.assert_close(grown(x).logits, yarn3(x).logits, atol=1e-5, rtol=0)
+    assert (grown(x).logits - default(x).logits).abs().max() > 1e-4
+    torch.testing.assert_close(grown(x[:, :OLD_LIMIT]).logits, default(x[:, :OLD_LIMIT]).logits)
+
+
+@pytest.mark.parametrize("length, expected", [(64, 1.0), (80, 1.5), (96, 2.0), (160, 4.0), (640, 4.0)])
+def test_dynamic_yarn_scale_grows_by_growth_and_stops_at_factor(length, expected):
+    """s = clip(1 + growth * (L / L_train - 1), 1, factor) for the shape's 64 trained positions, growth 2, x4;
+    the traced (export) path computes the same scale from tensors."""
+    method = Rope(RopeOptions(scaling="dynamic_yarn", factor=4.0, growth=2.0).resolve(shape()), shape())
+    assert method.dynamic_scale(length) == pytest.approx(expected)
+    assert method.dynamic_scale(torch.tensor([float(length)])).item() == pytest.approx(expected)
+
+
+def test_traced_dynamic_yarn_follows_growth():
+    method = Rope(RopeOptions(scaling="dynamic_yarn", factor=4.0, growth=1.5, mscale=0.3).resolve(shape()), shape())
+    k_pos = torch.arange(2 * 64)[None]  # 2 L_train: scale 1 + 1.5 * 1 = 2.5
+    eager, traced = method._row_frequencies(k_pos, None), method._traced_dynamic_yarn(k_pos, None)
+    torch.testing.assert_close(traced[0], eager[0])
+    torch.testing.assert_close(traced[1].float(), eager[1].float())
+    assert eager[1].item() == pytest.approx(0.1 * 0.3 * math.log(2.5) + 1.0)
+
+
 def test_traced_dynamic_yarn_follows_mscale():
     """The export path of dynamic YaRN (tensor ops of the length) gives eager's frequencies and cos/sin scale."""
     method = Rope(RopeOptions(scaling="dynamic_yarn", factor=4.0, mscale=0.3).resolve(shape()), shape())

@@ -5,9 +5,12 @@ inverse frequencies w = theta^(-2i/d). Scaling (``linear`` = position interpolat
 ``yarn``) reuses transformers' own ``ROPE_INIT_FUNCTIONS``. On families that already apply RoPE (Llama-style),
 the arch re-configures the native rotary with :meth:`Rope.native_rope_parameters` instead of rotating twice.
 
-``dynamic_yarn`` (Peng et al. 2023, "Dynamic-YaRN"): YaRN whose scale follows the input, s = clip(L / L_train, 1,
-factor) for L = the longest position + 1. Inside the trained context s = 1: exactly the original rotary (the
-pretrained model is unchanged there); past it YaRN x s, up to ``factor``. transformers has no native equivalent, so
+``dynamic_yarn`` (Peng et al. 2023, "Dynamic-YaRN"): YaRN whose scale follows the input, s = clip(1 + growth *
+(L / L_train - 1), 1, factor) for L = the longest position + 1 (``growth`` 1: s = L / L_train, the paper's rule;
+``factor``: transformers' dynamic NTK rule). Inside the trained context s = 1: exactly the original rotary (the
+pretrained model is unchanged there); past it YaRN x s, up to ``factor``. A faster growth interpolates the low
+frequencies further than the input needs, which on SmolLM2 finds a passkey 16k tokens back that s = L / L_train
+loses (docs/extrapolation.md §2c). transformers has no native equivalent, so
 it rotates in attention on every family; cached keys are re-rotated with the current scale, so a cache matches
 the full forward at every length.
 
@@ -57,6 +60,10 @@ class RopeOptions(MethodOptions):
         1.0, "YaRN's attention temperature: cos/sin scaled by 0.1 * mscale * ln(s) + 1 at scale s (YaRN: 1; 0: none); "
         "'yarn' / 'dynamic_yarn' only; >= 0"
     )
+    growth: float = help_field(
+        1.0, "how fast Dynamic YaRN's scale grows past the trained context: s = clip(1 + growth * (L / L_train - 1), "
+        "1, factor) (1: s = L / L_train; factor: transformers' dynamic NTK rule); 'dynamic_yarn' only; > 0"
+    )
 
     def validate(self, shape=None):
         if self.theta is not None:
@@ -73,6 +80,10 @@ class RopeOptions(MethodOptions):
         if self.mscale != 1.0 and self.scaling not in YARN_SCALINGS:
             raise ValueError(f"option 'mscale' is YaRN's attention temperature: give scaling='yarn' or "
                              f"'dynamic_yarn' with it (got scaling={self.scaling!r})")
+        check_range("growth", self.growth, 1e-9)
+        if self.growth != 1.0 and self.scaling != "dynamic_yarn":
+            raise ValueError(f"option 'growth' sets how Dynamic YaRN's scale follows the input: give "
+                             f"scaling='dynamic_yarn' with it (got scaling={self.scaling!r})")
         if shape is not None and rotary_dim(shape.head_dim, self.fraction) < 2:
             raise ValueError(f"option 'fraction'={self.fraction} leaves fewer than 2 of {shape.head_dim} dims to rotate")
 
@@ -84,6 +95,7 @@ class RopeOptions(MethodOptions):
             factor=self.factor,
             original_max_positions=self.original_max_positions or shape.original_max_positions,
             mscale=self.mscale,
+            growth=self.growth,
         )
 
 
@@ -145,7 +157,7 @@ class Rope(PositionMethod):
         if opts.scaling is None:
             return self._unscaled_inv_freq(device), 1.0
         if opts.scaling == "dynamic_yarn":
-            scale = min(opts.factor, max(1.0, (seq_len or 0) / opts.original_max_positions))
+            scale = self.dynamic_scale(seq_len or 0)
             if scale == 1.0:  # inside the trained context: the original frequencies, unscaled
                 return self._unscaled_inv_freq(device), 1.0
             config = self._rope_config({**self.native_rope_parameters(), "factor": float(scale)})
@@ -153,6 +165,16 @@ class Rope(PositionMethod):
             return inv_freq, yarn_attention_factor(scale, opts.mscale)
         init = ROPE_INIT_FUNCTIONS[opts.scaling]
         return init(self.rope_config, device, seq_len=seq_len)
+
+    def dynamic_scale(self, seq_len):
+        """Dynamic YaRN's scale for inputs of ``seq_len`` positions (a number or a tensor): 1 inside the trained
+        context, then 1 + growth * (seq_len / L_train - 1), at most ``factor``."""
+        opts = self.options
+        ratio = seq_len / opts.original_max_positions
+        grown = ratio if opts.growth == 1.0 else 1.0 + opts.growth * (ratio - 1.0)  # growth 1: L / L_train exactly
+        if isinstance(grown, torch.Tensor):
+            return grown.clamp(1.0, float(opts.factor))
+        return min(float(opts.factor), max(1.0, grown))
 
     def _unscaled_inv_freq(self, device) -> torch.Tensor:
         exponents = torch.arange(0, self.rot_dim, 2, dtype=torch.float32, device=device) / self.rot_dim
@@ -196,7 +218,7 @@ class Rope(PositionMethod):
         at_factor, _ = ROPE_INIT_FUNCTIONS["yarn"](self.rope_config, device)
         ramp = (at_factor.float() / unscaled - 1.0 / factor) / (1.0 - 1.0 / factor)
         lengths = (k_pos.amax(dim=-1) + 1).float()  # (P',)
-        scale = (lengths / self.options.original_max_positions).clamp(1.0, factor)[:, None]  # (P', 1)
+        scale = self.dynamic_scale(lengths)[:, None]  # (P', 1)
         inv_freq = unscaled * (ramp + (1.0 - ramp) / scale)  # (P', rot_dim/2)
         return inv_freq, yarn_attention_factor(scale, self.options.mscale).reshape(-1, 1, 1, 1)
 
