@@ -32,6 +32,9 @@ TRAINING_FREE_VARIANTS: dict[str, dict] = {  # row -> method options on top of t
     "training-free-mscale-0.5": {"mscale": 0.5},  # the retrofit's choice on SmolLM2 (docs/extrapolation.md §2c)
     "dynamic-ntk": {"scaling": "dynamic", "factor": 4.0},  # transformers' dynamic NTK x4 (the passkey target's row)
     "yarn-x4": {"scaling": "yarn", "factor": 4.0},  # static YaRN x4 (YaRN's own temperature)
+    # Dynamic YaRN whose scale grows faster past 8k (1 + growth (L/8k - 1): 2.5 / 3 at 16k instead of 2)
+    "training-free-growth-1.5": {"mscale": 0.5, "growth": 1.5},
+    "training-free-growth-2": {"mscale": 0.5, "growth": 2.0},
 }
 PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]  # as the H200 study (docs/extrapolation.md §2b)
 
