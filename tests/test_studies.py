@@ -101,7 +101,8 @@ def test_smollm2_study_quick(tmp_path, monkeypatch):
         assert "error" not in entry, (name, entry.get("error"))
         assert set(entry["ppl"]) == {"64", "256", "512"}
         assert all(1 < v["ppl"] < 1e4 and 1 < v["last"] < 1e4 for v in entry["ppl"].values()), name
-        assert set(entry["passkey"]) == {"256", "512", "256@0", "256@1", "512@0", "512@1", "256/n", "512/n", "256/nll", "512/nll"}  # 64: too long
+        assert set(entry["passkey"]) == {"256", "512", "256@0", "256@1", "512@0", "512@1",  # 64: prompt too long
+                                         "256/n", "512/n", "256/nll", "512/nll"}
         assert entry["finetune"] == ("finetune_run" in entry)
     retrofit = results["variants"]["ALiBi, fine-tuned"]["finetune_run"]
     assert retrofit["steps"] == study.QUICK.ft_steps and retrofit["lr"] == study.QUICK.lr_retrofit
@@ -170,4 +171,5 @@ def test_recipe_variants_score_passkey_with_the_asked_prompts(tmp_path, tiny_lla
     rows = json.loads((out / "variants-W1.json").read_text())
     assert rows["dynamic-ntk"]["options"]["scaling"] == "dynamic"
     assert all(rows[r]["passkey"]["512/n"] == 5 for r in rows)  # 5 depths x 1
-    assert "| dynamic-ntk | 0." in (out / "variants-W1.md").read_text() and "; NLL " in (out / "variants-W1.md").read_text()
+    markdown = (out / "variants-W1.md").read_text()
+    assert "| dynamic-ntk | 0." in markdown and "; NLL " in markdown

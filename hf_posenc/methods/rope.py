@@ -10,7 +10,7 @@ the arch re-configures the native rotary with :meth:`Rope.native_rope_parameters
 ``factor``: transformers' dynamic NTK rule). Inside the trained context s = 1: exactly the original rotary (the
 pretrained model is unchanged there); past it YaRN x s, up to ``factor``. A faster growth interpolates the low
 frequencies further than the input needs, which on SmolLM2 finds a passkey 16k tokens back that s = L / L_train
-loses (docs/extrapolation.md §2c). transformers has no native equivalent, so
+loses (docs/extrapolation.md §2d). transformers has no native equivalent, so
 it rotates in attention on every family; cached keys are re-rotated with the current scale, so a cache matches
 the full forward at every length.
 
