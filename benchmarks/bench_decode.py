@@ -9,7 +9,17 @@ wired by its forward as in any decode loop), then each layer's keys and values a
 tensors at positions 0..n-1. Decode speed does not depend on the values, and a real 8k prefill of 12 layers costs
 about a minute per model on this machine. After each timed run the cache is cropped back to n keys (``crop``).
 Each method runs interleaved with the unconverted model (A B, B A, ...), the first run excluded; a cell is the
-median over repeats of ms/token(converted) / ms/token(unconverted) from the same repeat.
+median over repeats of ms/token(converted) / ms/token(unconverted) from the same repeat; ``--steps 1`` interleaves
+every token.
+
+Second table, the method's own cost per decode step, which the load on a shared machine barely moves: one attention
+call of a real decode step at each context is captured (layer 0, inside the model's forward, so the per-forward
+state such as the shared bias row is live as for layers 2..n) and run 1000 times through hf_posenc's attention
+function and through transformers' SDPA function on the same query / keys / values (minimum of 7 batches); the
+difference times the layer count, over the unconverted model's median ms/token, is the share of a step the method
+adds in attention. Not counted: its once-per-forward work (position bookkeeping, building the bias row: tens of
+microseconds). Methods that rotate keys in attention (RoPE) are not measured this way (a repeated call would rotate
+differently: the cache's write hook rotates the new key once).
 """
 
 from __future__ import annotations
@@ -64,7 +74,48 @@ def paired(run, baseline, repeats: int):
         for fn in (baseline, run) if r % 2 == 0 else (run, baseline):
             fn()
         ms.append(run.per_token), base.append(baseline.per_token), ratios.append(run.per_token / baseline.per_token)
-    return statistics.median(ms), statistics.median(ratios), statistics.median(base)
+    # min(ms) / min(base): each model's fastest run; load on a shared machine only adds time, so the minima are
+    # the least disturbed estimate of the cost itself (timeit's rule), the median ratio the typical one
+    return statistics.median(ms), statistics.median(ratios), statistics.median(base), min(ms) / min(base)
+
+
+def attention_call_us(model, size, context: int, calls: int = 1000) -> tuple[float, float]:
+    """(µs per call through hf_posenc's attention function, µs through transformers' SDPA function) on one captured
+    decode-step call of layer 0 (see the module doc)."""
+    import torch
+    from transformers import AttentionInterface
+
+    from hf_posenc import attention
+    from hf_posenc._seams import sdpa_attention_forward
+
+    cache, x, timings = fill(model, size, context), bp.tokens(size, 1), {}
+
+    def best_us(fn, args, kwargs) -> float:
+        for _ in range(calls // 5):
+            fn(*args, **kwargs)
+        batches = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn(*args, **kwargs)
+            batches.append((time.perf_counter() - t0) * 1e6 / calls)
+        return min(batches)
+
+    def capture(module, query, key, value, mask, *args, **kwargs):
+        if not timings and module.layer_idx == 0:
+            call = (module, query, key, value, mask, *args)
+            timings["posenc"] = best_us(attention.posenc_attention_forward, call, kwargs)
+            timings["sdpa"] = best_us(sdpa_attention_forward, (module, query, key, value, None, *args),
+                                      {k: v for k, v in kwargs.items() if k != "is_causal"})
+        return attention.posenc_attention_forward(module, query, key, value, mask, *args, **kwargs)
+
+    AttentionInterface.register(attention.ATTN_IMPLEMENTATION, capture)
+    try:
+        with torch.no_grad():
+            model(x, cache=cache, use_cache=True)
+    finally:
+        attention.register()  # the real attention function again
+    return timings["posenc"], timings["sdpa"]
 
 
 def main(argv=None) -> int:
@@ -85,27 +136,49 @@ def main(argv=None) -> int:
                 max_len=max(args.contexts) + args.steps + 1)
     baseline = bp.build(size, None)
     rows = {m: [] for m in ["unconverted", *args.methods]}
+    own = {m: [] for m in args.methods}
     for context in args.contexts:
         base_run = decode_fn(baseline, size, context, args.steps)
         bases = []
         for method in args.methods:
             model = bp.build(size, method)
-            ms, ratio, base = paired(decode_fn(model, size, context, args.steps), base_run, args.repeats)
+            ms, ratio, base, fastest = paired(decode_fn(model, size, context, args.steps), base_run, args.repeats)
             bases.append(base)
-            rows[method].append(f"{ratio:.2f}x ({ms:.1f} ms)")
-            print(f"{context} {method}: {ratio:.2f}x ({ms:.1f} vs {base:.1f} ms/token)", flush=True)
+            rows[method].append(f"{ratio:.2f}x, min {fastest:.2f}x ({ms:.1f} ms)")
+            print(f"{context} {method}: {ratio:.2f}x, min {fastest:.2f}x ({ms:.1f} vs {base:.1f} ms/token)",
+                  flush=True)
+            own[method].append(own_cost_cell(model, size, context, args.layers, base))
+            print(f"{context} {method} own cost: {own[method][-1]}", flush=True)
             del model
         rows["unconverted"].append(f"{statistics.median(bases):.1f} ms")
     print(f"\nCommand: `python benchmarks/bench_decode.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ")
     print(f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {time.time() - started:.0f} s  ")
     print(f"Machine: {bp.machine()}  ")
     print(f"Model: GPT2Model, {args.layers} layers, 12 heads x 64, fp32, B=1, {args.steps} steps per run, "
-          f"{args.repeats} repeats. Cells: median ratio ms/token converted / unconverted (median converted ms/token).\n")
+          f"{args.repeats} repeats. Cells: median ratio ms/token converted / unconverted, ratio of the two fastest runs "
+          f"(min), (median converted ms/token).\n")
     print("| method | " + " | ".join(f"{c} context" for c in args.contexts) + " |")
     print("|---|" + "---|" * len(args.contexts))
     for name, cells in rows.items():
         print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nThe method's own cost in attention per decode step: (µs per call through hf_posenc - through SDPA) x "
+          f"{args.layers} layers, as a share of the unconverted median ms/token (µs per call: hf_posenc / SDPA).\n")
+    print("| method | " + " | ".join(f"{c} context" for c in args.contexts) + " |")
+    print("|---|" + "---|" * len(args.contexts))
+    for name, cells in own.items():
+        print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
+
+
+def own_cost_cell(model, size, context: int, layers: int, base_ms: float) -> str:
+    from hf_posenc.methods.base import PositionMethod
+
+    method = next(m for m in model.modules() if isinstance(m, PositionMethod))
+    if method.rotate_in_attention:
+        return "n/a (rotates keys)"
+    posenc_us, sdpa_us = attention_call_us(model, size, context)
+    share = (posenc_us - sdpa_us) * layers / (base_ms * 1000)
+    return f"{share:+.1%} ({posenc_us:.0f} / {sdpa_us:.0f} µs)"
 
 
 if __name__ == "__main__":

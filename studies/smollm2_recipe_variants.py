@@ -36,6 +36,10 @@ TRAINING_FREE_VARIANTS: dict[str, dict] = {  # row -> method options on top of t
     "training-free-growth-1.5": {"mscale": 0.5, "growth": 1.5},
     "training-free-growth-2": {"mscale": 0.5, "growth": 2.0},
 }
+METHOD_ROWS: dict[str, list[str]] = {  # row -> hf-posenc retrofit flags: another method (--out: that run's folder)
+    "alibi": ["--method", "alibi", "--lr", "3e-4"],  # as studies/smollm2_cpu_retrofit.py (docs §2a)
+    "t5": ["--method", "t5", "--lr", "3e-4"],
+}
 PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]  # as the H200 study (docs/extrapolation.md §2b)
 
 
@@ -43,7 +47,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="a retrofit output folder (fine-tunes land and are reused here)")
     parser.add_argument("--rows", default=f"{TRAINING_FREE},default",
-                        help=f"comma-separated: {', '.join(TRAINING_FREE_VARIANTS)}, {', '.join(VARIANTS)}")
+                        help=f"comma-separated: {', '.join(known_rows())}")
     parser.add_argument("--lengths", default="8192,16384")
     parser.add_argument("--windows", type=int, default=2, help="windows per length, from the start of each text")
     parser.add_argument("--passkey-lengths", default="", help="comma-separated lengths to score passkey at (none: '')")
@@ -52,9 +56,11 @@ def parse_args(argv):
     parser.add_argument("--retrofit-args", default="", help="extra hf-posenc retrofit flags (model, data, steps)")
     args = parser.parse_args(argv)
     rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in rows if r not in TRAINING_FREE_VARIANTS and r not in VARIANTS]
+    unknown = [r for r in rows if r not in known_rows()]
     if unknown:
-        parser.error(f"unknown rows {unknown}; known: {', '.join(TRAINING_FREE_VARIANTS)}, {', '.join(VARIANTS)}")
+        parser.error(f"unknown rows {unknown}; known: {', '.join(known_rows())}")
+    if set(rows) & set(METHOD_ROWS) and len(rows) > 1:
+        parser.error("a method row (alibi, t5) runs alone: --out is that retrofit's own folder")
     if args.windows < 1:
         parser.error("--windows must be >= 1")
     args.rows = rows
@@ -63,8 +69,13 @@ def parse_args(argv):
     return args
 
 
+def known_rows() -> list[str]:
+    return [*TRAINING_FREE_VARIANTS, *VARIANTS, *METHOD_ROWS]
+
+
 def plan_for(row: str, out: str, retrofit_args: str):
-    """The retrofit plan of one row (the training-free rows: the default recipe's, never fine-tuned)."""
+    """The retrofit plan of one row (the training-free rows: the default recipe's, never fine-tuned; a method row:
+    ``hf-posenc retrofit --method ...``'s)."""
     from hf_posenc import retrofit
 
     overrides = VARIANTS.get(row, {})
@@ -74,7 +85,8 @@ def plan_for(row: str, out: str, retrofit_args: str):
         return replace(default, name=default.name if not overrides else f"{default.name}-{row}",
                        train={**default.train, **overrides})
 
-    plan = retrofit.make_plan(retrofit.parse_args(["--out", out, *shlex.split(retrofit_args)]), variant)
+    flags = [*METHOD_ROWS.get(row, []), *shlex.split(retrofit_args)]
+    plan = retrofit.make_plan(retrofit.parse_args(["--out", out, *flags]), variant)
     return plan, plan.recipe
 
 
@@ -94,7 +106,7 @@ def score_row(row: str, args) -> dict:
     else:
         model, tokenizer, _ = retrofit.load_retrofit(retrofit.finetune(plan))
         result = {"finetune": {**retrofit.finetune_summary(plan), "dir": str(plan.finetune_dir),
-                               "overrides": VARIANTS[row]}}
+                               "overrides": VARIANTS.get(row, METHOD_ROWS.get(row))}}
     result["prepare_s"] = round(time.time() - started, 1)
     with torch.no_grad():
         for corpus, path in plan.corpora.items():
@@ -130,14 +142,38 @@ def passkey_cell(scores: dict, n: int) -> str:
     return f"{scores[str(n)]:.2f} ({scores[f'{n}/n']}{nll})"
 
 
+def merged(previous: dict, results: dict) -> dict:
+    """Earlier results of this folder with this run's: a row scored again keeps its other cells (lengths, passkey
+    lengths) when it is the same model (fine-tune folder and options), and is replaced when it is not."""
+    out = dict(previous)
+    for row, new in results.items():
+        old = previous.get(row, {})
+        same = old.get("options") == new.get("options") and (
+            (old.get("finetune") or {}).get("dir") == (new.get("finetune") or {}).get("dir"))
+        out[row] = {**old, **new, "passkey": {**old.get("passkey", {}), **new.get("passkey", {})}} if same else new
+    return out
+
+
+def scored_lengths(results: dict) -> tuple[list[int], list[int]]:
+    """(perplexity lengths, passkey lengths) present in any row."""
+    ppl = {int(key.split("@")[1]) for r in results.values() for key in r if "@" in key}
+    passkey = {int(key) for r in results.values() for key in r.get("passkey", {}) if key.isdigit()}
+    return sorted(ppl), sorted(passkey)
+
+
 def main(argv=None) -> int:
+    from hf_posenc._fs import write_text_atomic
+
     args = parse_args(argv)
     out = Path(args.out)
     results = {row: score_row(row, args) for row in args.rows}
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"variants-W{args.windows}.json").write_text(json.dumps(results, indent=1))
-    (out / f"variants-W{args.windows}.md").write_text(table(results, args.lengths, args.passkey_lengths))
-    print(table(results, args.lengths, args.passkey_lengths))
+    path = out / f"variants-W{args.windows}.json"
+    results = merged(json.loads(path.read_text()) if path.exists() else {}, results)
+    text = table(results, *scored_lengths(results))
+    write_text_atomic(path, json.dumps(results, indent=1))
+    write_text_atomic(path.with_suffix(".md"), text)
+    print(text)
     return 0
 
 

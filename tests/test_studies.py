@@ -173,3 +173,10 @@ def test_recipe_variants_score_passkey_with_the_asked_prompts(tmp_path, tiny_lla
     assert all(rows[r]["passkey"]["512/n"] == 5 for r in rows)  # 5 depths x 1
     markdown = (out / "variants-W1.md").read_text()
     assert "| dynamic-ntk | 0." in markdown and "; NLL " in markdown
+    # a second run into the folder adds its cells; it does not drop the first run's rows or lengths
+    assert study.main(["--out", str(out), "--rows", "dynamic-ntk", "--lengths", "64", "--windows", "1",
+                       "--retrofit-args", extra]) == 0
+    again = json.loads((out / "variants-W1.json").read_text())
+    assert again["training-free"] == rows["training-free"]
+    assert again["dynamic-ntk"]["passkey"] == rows["dynamic-ntk"]["passkey"] and "tempest@64" in again["dynamic-ntk"]
+    assert "| row | other 64 | tempest 64 | passkey 512 |" in (out / "variants-W1.md").read_text()
