@@ -12,14 +12,15 @@ Each method runs interleaved with the unconverted model (A B, B A, ...), the fir
 median over repeats of ms/token(converted) / ms/token(unconverted) from the same repeat; ``--steps 1`` interleaves
 every token.
 
-Second table, the method's own cost per decode step, which the load on a shared machine barely moves: one attention
+Second table, the method's own cost per decode step, less exposed to the machine's load than whole steps (one
+call, interleaved batches, minima), though not immune to it at 8k, where the call reads 2 x 25 MB of cache: one attention
 call of a real decode step at each context is captured (layer 0, inside the model's forward, so the per-forward
 state such as the shared bias row is live as for layers 2..n) and run 1000 times through hf_posenc's attention
-function and through transformers' SDPA function on the same query / keys / values (minimum of 7 batches); the
-difference times the layer count, over the unconverted model's median ms/token, is the share of a step the method
-adds in attention. Not counted: its once-per-forward work (position bookkeeping, building the bias row: tens of
-microseconds). Methods that rotate keys in attention (RoPE) are not measured this way (a repeated call would rotate
-differently: the cache's write hook rotates the new key once).
+function and through transformers' SDPA function on the same query / keys / values (minimum of 7 interleaved batches
+each); the difference times the layer count, over the unconverted model's median ms/token, is the share of a step
+the method adds in attention. Not counted: its once-per-forward work (position bookkeeping, building the bias row:
+tens of microseconds). Methods that rotate keys in attention (RoPE) are not measured this way (a repeated call would
+rotate differently: the cache's write hook rotates the new key once).
 """
 
 from __future__ import annotations
@@ -90,23 +91,23 @@ def attention_call_us(model, size, context: int, calls: int = 1000) -> tuple[flo
 
     cache, x, timings = fill(model, size, context), bp.tokens(size, 1), {}
 
-    def best_us(fn, args, kwargs) -> float:
-        for _ in range(calls // 5):
+    def batch_us(fn, args, kwargs) -> float:
+        t0 = time.perf_counter()
+        for _ in range(calls):
             fn(*args, **kwargs)
-        batches = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn(*args, **kwargs)
-            batches.append((time.perf_counter() - t0) * 1e6 / calls)
-        return min(batches)
+        return (time.perf_counter() - t0) * 1e6 / calls
 
     def capture(module, query, key, value, mask, *args, **kwargs):
         if not timings and module.layer_idx == 0:
-            call = (module, query, key, value, mask, *args)
-            timings["posenc"] = best_us(attention.posenc_attention_forward, call, kwargs)
-            timings["sdpa"] = best_us(sdpa_attention_forward, (module, query, key, value, None, *args),
-                                      {k: v for k, v in kwargs.items() if k != "is_causal"})
+            ours = (attention.posenc_attention_forward, (module, query, key, value, mask, *args), kwargs)
+            theirs = (sdpa_attention_forward, (module, query, key, value, None, *args),
+                      {k: v for k, v in kwargs.items() if k != "is_causal"})
+            batch_us(*ours), batch_us(*theirs)  # warm-up
+            runs = {"posenc": [], "sdpa": []}
+            for r in range(7):  # interleaved batches, so that the neighbours' load falls on both alike
+                for name, call in (("posenc", ours), ("sdpa", theirs))[:: 1 if r % 2 == 0 else -1]:
+                    runs[name].append(batch_us(*call))
+            timings.update({name: min(us) for name, us in runs.items()})
         return attention.posenc_attention_forward(module, query, key, value, mask, *args, **kwargs)
 
     AttentionInterface.register(attention.ATTN_IMPLEMENTATION, capture)
