@@ -106,7 +106,24 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
     extra = dict(config.optimizer_args)
     if "betas" in inspect.signature(cls).parameters:
         extra.setdefault("betas", tuple(config.betas))
+    params = [p for g in param_groups for p in g["params"]]
+    if cls in FUSED_OPTIMIZERS and not {"fused", "foreach"} & extra.keys() and fusable(params):
+        extra["fused"] = True
     return cls([g for g in param_groups if g["params"]], lr=config.lr, **extra)
+
+
+# torch's fused Adam / AdamW kernel updates each tensor in one pass; on CPU it ran ~4x faster than the default
+# per-tensor loop (7.5 vs 28.7 ms per step for 7 M fp32 parameters, one thread; docs/performance.md), the same
+# update to rounding. transformers' Trainer defaults to it as well (``adamw_torch_fused``). ``optimizer_args``
+# with ``fused`` or ``foreach`` set keeps the user's choice.
+FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def fusable(params: list[torch.Tensor]) -> bool:
+    """Every parameter a plain floating tensor on a device the fused kernel has (not a DTensor: FSDP's shards)."""
+    return bool(params) and all(
+        type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
+    )
 
 
 def batch_stream(accelerator, loader, sampler: EpochShuffle, start: int) -> Iterator[torch.Tensor]:
