@@ -172,10 +172,7 @@ def main(argv=None) -> int:
 
 
 def own_cost_cell(model, size, context: int, layers: int, base_ms: float) -> str:
-    from hf_posenc.methods.base import PositionMethod
-
-    method = next(m for m in model.modules() if isinstance(m, PositionMethod))
-    if method.rotate_in_attention:
+    if model.base_model.posenc.rotate_in_attention:  # where convert() registers the method
         return "n/a (rotates keys)"
     posenc_us, sdpa_us = attention_call_us(model, size, context)
     share = (posenc_us - sdpa_us) * layers / (base_ms * 1000)
