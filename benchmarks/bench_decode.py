@@ -48,7 +48,7 @@ def fill(model, size, context: int):
     shape = (1, size["heads"], context, size["head_dim"])
     for layer in cache.layers:
         layer.keys, layer.values = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    cache.__dict__[positions.ATTRIBUTE] = torch.arange(context)[None]  # where the converted model keeps them
+    positions.ensure_record(cache).positions = torch.arange(context)[None]  # where the converted model keeps them
     return cache
 
 

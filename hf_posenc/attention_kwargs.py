@@ -25,7 +25,7 @@ HONOURED = {
 # keyword -> why it does not change what attention computes
 BOOKKEEPING = {
     **{name: "a model-level argument transformers threads through every layer" for name in TransformersKwargs.__annotations__},
-    "position_ids": "the positions reach the method through the family's stand-in modules and the cache",
+    "position_ids": "read as the query positions of the call (hf_posenc.forward_state); the cache keeps the keys'",
     "output_attentions": "read from transformers' output collector (eager then returns the probabilities)",
     "use_cache": "the keys passed in already include the cache",
     "encoder_hidden_states": "self-attention attends over its own hidden states; cross-attention carries no method",

@@ -110,3 +110,8 @@ def check_limit(name: str, value: Any) -> None:
             f"{name}={value} is above hf_posenc's limit of {MAX_POSITIONS} (2**26) positions, longer than any model "
             f"is run at (some families keep buffers of this length): use a smaller {name}"
         )
+
+
+def is_converted(model) -> bool:
+    """True for a model :func:`hf_posenc.convert` converted (its config carries a ``posenc`` entry)."""
+    return getattr(getattr(model, "config", None), "posenc", None) is not None

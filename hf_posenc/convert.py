@@ -17,15 +17,16 @@ import transformers
 from torch import nn
 from transformers import PreTrainedModel
 
-from . import _seams, hub_code, key_cache, positions, restore
-from .arches.base import ArchSpec, IdentityRotary, MethodPositions, ZeroPositions, rms, set_submodule
-from .attention import ATTN_IMPLEMENTATION, MethodRef, attach_method, register
+from . import _seams, hub_code, restore
+from .arches.base import (ArchSpec, EmbedBeforeFirstLayer, IdentityRotary, MethodPositions, ZeroPositions, rms,
+                          set_submodule)
+from .attention import register
+from .method_ref import MethodRef, attach_method
+from .hooks import ATTN_IMPLEMENTATION, METHOD_MODULE, ForwardHooks
 from .backends import check_backend
-from .config import MAX_POSITIONS, PosEncConfig
+from .config import MAX_POSITIONS, PosEncConfig, is_converted
 from .methods.base import ModelShape, PositionMethod
 from .registry import arch_for, method_class
-
-METHOD_MODULE = "posenc"  # the method (and its learned tables) is registered as base_model.posenc
 
 
 def model_shape(spec: ArchSpec, model: PreTrainedModel) -> ModelShape:
@@ -66,10 +67,6 @@ def _rms(weight: torch.Tensor) -> float | None:
     return None if weight.is_meta else rms(weight)  # a model built on the meta device has no values yet
 
 
-def is_converted(model: nn.Module) -> bool:
-    return getattr(getattr(model, "config", None), "posenc", None) is not None
-
-
 def convert(model: PreTrainedModel, method: str | PosEncConfig, /, max_position_embeddings: int | None = None,
             backend: str | None = None, **options: Any) -> PreTrainedModel:
     """Replace ``model``'s position encoding by ``method`` in place and return the model.
@@ -83,26 +80,8 @@ def convert(model: PreTrainedModel, method: str | PosEncConfig, /, max_position_
     be given. Convert the model itself, before PEFT wraps it or ``torch.compile`` compiles it.
     """
     register()
-    if isinstance(method, PosEncConfig):
-        if options or max_position_embeddings is not None:
-            raise TypeError("pass options either inside the PosEncConfig or as keyword arguments, not both")
-        posenc = PosEncConfig.from_dict(method.to_dict())
-        if backend is not None:
-            posenc.backend = check_backend(backend)
-    else:
-        posenc = PosEncConfig(method, options, max_position_embeddings, backend="auto" if backend is None else backend)
-    if not isinstance(model, PreTrainedModel):
-        raise TypeError(_not_a_transformers_model(model))
-    if getattr(model, "peft_config", None) is not None:  # PEFT injected adapter layers (get_peft_model, add_adapter)
-        raise ValueError(
-            f"this {type(model).__name__} has PEFT adapters in it: convert the base model first, then add the "
-            "adapters (model = hf_posenc.convert(model, ...); model = get_peft_model(model, lora_config))"
-        )
-    if is_converted(model):
-        raise ValueError(
-            f"this model is already converted to {model.config.posenc['method']!r}; converting twice would stack "
-            "two position methods. Load the original checkpoint again and convert that."
-        )
+    posenc = _posenc_config(method, options, max_position_embeddings, backend)
+    _check_convertible(model)
     spec = arch_for(model.config)
     base = model.base_model
     attention = spec.attention_modules(base)
@@ -152,14 +131,40 @@ def convert(model: PreTrainedModel, method: str | PosEncConfig, /, max_position_
     model.config.posenc = posenc.to_dict()
     hub_code.mark_converted(model.config)  # same config class for everything else; saves a checkpoint that
     # plain transformers loads only correctly (trust_remote_code) or not at all (see hub_code)
-    # position-only terms are memoised for one forward and shared by all layers
+    # each forward builds its own state (positions, memo) and passes it to every attention call
     root = base.get_submodule(spec.forward_root) if spec.forward_root else base  # runs in every forward
-    if root is not base:
-        root.__dict__[BASE_REF] = base  # plain (unregistered): the hooks find the method through it
-    root.register_forward_pre_hook(_begin_forward, with_kwargs=True)
-    root.register_forward_hook(_end_forward, with_kwargs=True)
+    ForwardHooks(base, spec.table_offset(model.config), spec.derive_position_ids).install(root)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
+
+
+def _posenc_config(method: str | PosEncConfig, options: dict, max_position_embeddings: int | None,
+                   backend: str | None) -> PosEncConfig:
+    """The validated PosEncConfig of a convert call (a copy of one given)."""
+    if isinstance(method, PosEncConfig):
+        if options or max_position_embeddings is not None:
+            raise TypeError("pass options either inside the PosEncConfig or as keyword arguments, not both")
+        posenc = PosEncConfig.from_dict(method.to_dict())
+        if backend is not None:
+            posenc.backend = check_backend(backend)
+        return posenc
+    return PosEncConfig(method, options, max_position_embeddings, backend="auto" if backend is None else backend)
+
+
+def _check_convertible(model) -> None:
+    """A plain, unconverted transformers model without adapters; the error names the fix."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(_not_a_transformers_model(model))
+    if getattr(model, "peft_config", None) is not None:  # PEFT injected adapter layers (get_peft_model, add_adapter)
+        raise ValueError(
+            f"this {type(model).__name__} has PEFT adapters in it: convert the base model first, then add the "
+            "adapters (model = hf_posenc.convert(model, ...); model = get_peft_model(model, lora_config))"
+        )
+    if is_converted(model):
+        raise ValueError(
+            f"this model is already converted to {model.config.posenc['method']!r}; converting twice would stack "
+            "two position methods. Load the original checkpoint again and convert that."
+        )
 
 
 def _not_a_transformers_model(model) -> str:
@@ -186,61 +191,6 @@ def _own_config(model: PreTrainedModel) -> None:
                 setattr(module, name, memo[id(value)])
 
 
-BASE_REF = "_posenc_base"  # in the __dict__ of a forward root below the base model (OPT's decoder)
-
-
-def _base_of(root: nn.Module) -> nn.Module:
-    return root.__dict__.get(BASE_REF, root)
-
-
-def _begin_forward(root, args, kwargs) -> None:
-    """Forward pre-hook of the base model (or of the family's ``forward_root`` in it). The method is looked up now,
-    as the attention modules do; it learns the positions of the keys already in the cache this forward extends."""
-    base = _base_of(root)
-    checkpointing = base.training and torch.is_grad_enabled() and any(
-        getattr(m, "gradient_checkpointing", False) for m in base.modules()
-    )
-    cache = positions.cache_argument(kwargs)
-    method = getattr(base, METHOD_MODULE)
-    method.begin_forward(share=not checkpointing, past_positions=positions.cached_positions(cache))
-    if not restore.in_force(base):
-        key_cache.begin_forward(method, cache)
-    if base.config._attn_implementation != ATTN_IMPLEMENTATION and not restore.in_force(base):
-        _keep_the_method(base)
-
-
-KERNEL_FOR_IMPLEMENTATION = {"eager": "eager", "sdpa": "sdpa"}  # transformers' names -> our backends
-
-
-def _keep_the_method(base) -> None:
-    """``model.set_attn_implementation("eager" | "sdpa")`` (what transformers' own errors advise) would run
-    transformers' kernels without the position method: keep the method and switch to our backend of that name
-    instead. Other implementations cannot run it: refused, naming the fix."""
-    from .backends import set_backend
-
-    asked = base.config._attn_implementation
-    if asked not in KERNEL_FOR_IMPLEMENTATION:
-        raise ValueError(
-            f"attn_implementation={asked!r} would drop this model's position method "
-            f"({base.config.posenc['method']!r}): a converted model runs attn_implementation={ATTN_IMPLEMENTATION!r}. "
-            f"Choose its kernel with hf_posenc.set_backend(model, one of 'auto', 'sdpa', 'flex', 'eager')."
-        )
-    set_backend(base, KERNEL_FOR_IMPLEMENTATION[asked])
-    base.set_attn_implementation(ATTN_IMPLEMENTATION)
-
-
-def _end_forward(root, args, kwargs, output) -> None:
-    """Forward hook of the base model (or its forward root): drop this forward's shared terms; the returned cache
-    keeps its keys' positions."""
-    base = _base_of(root)
-    method = getattr(base, METHOD_MODULE)
-    written, cache = method.written_positions(), positions.cache_output(output)
-    positions.remember_positions(cache, written)
-    if not restore.in_force(base):
-        key_cache.end_forward(method, positions.cache_argument(kwargs), cache, written)
-    method.clear_memo()
-
-
 def _native_rotary(spec: ArchSpec, model, method: PositionMethod, shape: ModelShape) -> nn.Module:
     """The rotary module that replaces a Llama-style model's native one."""
     old = model.base_model.get_submodule(spec.rotary)
@@ -251,7 +201,7 @@ def _native_rotary(spec: ArchSpec, model, method: PositionMethod, shape: ModelSh
         config.max_position_embeddings = method.options.original_max_positions
         device = next((b.device for b in old.buffers()), None)
         return type(old)(config).to(device)
-    return IdentityRotary(method, shape.head_dim)
+    return IdentityRotary(shape.head_dim)
 
 
 def _disable_native_positions(spec: ArchSpec, model, method: PositionMethod, rotary, dtype) -> None:
@@ -259,7 +209,7 @@ def _disable_native_positions(spec: ArchSpec, model, method: PositionMethod, rot
     if spec.position_table:
         call, offset = spec.table_call, spec.table_offset(model.config)  # how the family calls its table
         table = (MethodPositions(method, dtype, call, offset) if method.embeds
-                 else ZeroPositions(method, model.config.hidden_size, dtype, call, offset))
+                 else ZeroPositions(model.config.hidden_size, dtype, call, offset))
         set_submodule(base, spec.position_table, table.to(next(model.parameters()).device))
     if rotary is not None:
         set_submodule(base, spec.rotary, rotary)
@@ -267,22 +217,7 @@ def _disable_native_positions(spec: ArchSpec, model, method: PositionMethod, rot
             model.config.rope_parameters = method.native_rope_parameters()
     if method.embeds and not spec.position_table:
         first_layer = base.get_submodule(spec.decoder_layers)[0]
-        first_layer.register_forward_pre_hook(_EmbedBeforeFirstLayer(method), with_kwargs=True)
-
-
-class _EmbedBeforeFirstLayer:
-    """Forward pre-hook: adds an absolute method's embedding to the hidden states entering layer 0
-    (Llama-style models have no position table to replace)."""
-
-    def __init__(self, method: PositionMethod):
-        self.method = method
-
-    def __call__(self, module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        hidden = hidden + self.method.embed(kwargs["position_ids"]).to(hidden.dtype)  # (B, L, E)
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
+        first_layer.register_forward_pre_hook(EmbedBeforeFirstLayer(method), with_kwargs=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -460,3 +395,6 @@ def _load_tensors(model: nn.Module, path, keys: list[str], hub_kwargs: dict) -> 
     with torch.no_grad():
         for key, tensor in state.items():
             reference[key].copy_(tensor)
+
+
+hub_code.register_loading(from_pretrained=from_pretrained, convert=convert)

@@ -28,12 +28,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import transformers
 from transformers import AutoConfig, PretrainedConfig
 
 from ._seams import AttentionInterface, AttentionMaskInterface, sdpa_mask
+from .config import PosEncConfig
 
 MODEL_TYPE = "hf_posenc"  # config.json model_type of a saved converted checkpoint
 BASE_MODEL_TYPE = "posenc_base_model_type"  # config.json key: the family's own model_type
@@ -218,6 +219,15 @@ class PosEncAutoConfig(PretrainedConfig):
         return converted_config_class(native_config_class(native["model_type"])).from_dict(native, **kwargs)
 
 
+# what the Auto loaders hand over to: hf_posenc.convert registers its convert / from_pretrained here when it is
+# imported (it imports this module, so this module does not import it back)
+_LOADING: dict[str, Callable[..., Any]] = {}
+
+
+def register_loading(*, from_pretrained: Callable[..., Any], convert: Callable[..., Any]) -> None:
+    _LOADING.update(from_pretrained=from_pretrained, convert=convert)
+
+
 class _AutoLoader:
     """Stands in for a model class in transformers' Auto mappings: loads with :func:`hf_posenc.from_pretrained`."""
 
@@ -233,16 +243,14 @@ class _AutoLoader:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
-        from .convert import from_pretrained
-
         if model_args:
             raise TypeError("hf_posenc checkpoints take keyword arguments only")
         for key in ("trust_remote_code", "_from_auto", "_from_pipeline", "code_revision"):
             kwargs.pop(key, None)
         if config is None:
             config = read_config(pretrained_model_name_or_path)
-        return from_pretrained(pretrained_model_name_or_path, model_class=cls._model_class(config), config=config,
-                               **kwargs)
+        return _LOADING["from_pretrained"](pretrained_model_name_or_path, model_class=cls._model_class(config),
+                                           config=config, **kwargs)
 
     @classmethod
     def from_config(cls, config, **kwargs):
@@ -251,15 +259,12 @@ class _AutoLoader:
     @classmethod
     def _from_config(cls, config, **kwargs):
         """A freshly initialised model of the family, converted as ``config.posenc`` says."""
-        from .config import PosEncConfig
-        from .convert import convert
-
         config = plain_config(config)
         posenc = PosEncConfig.from_dict(config.posenc, saved=True)
         del config.posenc
         config.max_position_embeddings = posenc.original_max_position_embeddings
         model = cls._model_class(config)._from_config(config, **kwargs)
-        return convert(model, posenc)
+        return _LOADING["convert"](model, posenc)
 
 
 class PosEncAutoModel(_AutoLoader):

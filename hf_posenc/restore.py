@@ -29,6 +29,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .arches.base import EmbedBeforeFirstLayer
+from .config import is_converted
+
 STASH = "_posenc_original"  # key in the base model's __dict__
 ACTIVE = "_posenc_original_active"  # set in the base model's __dict__ while original_positions() is in force
 _MISSING = object()  # a config attribute the model did not have
@@ -80,8 +83,6 @@ def original_positions(model: nn.Module) -> Iterator[nn.Module]:
     """Inside: ``model`` (converted by :func:`hf_posenc.convert`, or a PeftModel around one) computes what it
     computed before conversion; on exit (also on an exception) it is the converted model again. A model that was
     never converted is left as it is. Forward passes only: do not save, convert or train the model inside."""
-    from .convert import is_converted
-
     target = _pretrained(model)
     if not is_converted(target):
         yield model
@@ -147,12 +148,10 @@ def _follow(original: Original, model: nn.Module) -> None:
 def _skip_embed_hooks(base: nn.Module) -> list[tuple[dict, int, Any]]:
     """Swap the embedding hooks convert adds to a Llama-style model's first layer (absolute methods) for no-ops;
     returns what to put back. The hook dicts keep their keys and order."""
-    from .convert import _EmbedBeforeFirstLayer
-
     skipped = []
     for module in base.modules():
         for key, hook in list(module._forward_pre_hooks.items()):
-            if isinstance(hook, _EmbedBeforeFirstLayer):
+            if isinstance(hook, EmbedBeforeFirstLayer):
                 skipped.append((module._forward_pre_hooks, key, hook))
                 module._forward_pre_hooks[key] = _no_hook
     return skipped

@@ -216,90 +216,108 @@ def rst_to_text(rst: str, substitutions: dict[str, str] | None = None) -> str:
     Dropped: code (literal blocks after ``::``, code directives, ``>>>`` sessions), comments and link targets,
     toctrees and other non-prose directives, tables, section adornments, directive options. Kept: the
     text of paragraphs, list items, titles, admonitions and object descriptions, with inline markup stripped."""
-    lines = rst.expandtabs(8).splitlines()
-    paragraphs: list[str] = []
-    current: list[str] = []
-    skip_below: int | None = None  # drop every line indented deeper than this (a dropped block's body)
-    literal_next = False  # the previous paragraph ended in "::": the next indented block is code
-    literal_from = 0
-    options_below: int | None = None  # a kept directive's option lines come first in its body
-    table = after_rule = False  # inside a table (data, not prose): dropped up to the blank line after its last rule
+    reader = _RstProse(substitutions)
+    for line in rst.expandtabs(8).splitlines():
+        reader.feed(line)
+    reader.flush()
+    return "\n\n".join(reader.paragraphs) + ("\n" if reader.paragraphs else "")
 
-    def flush() -> None:
-        nonlocal literal_next, literal_from
-        if not current:
+
+class _RstProse:
+    """:func:`rst_to_text`'s line-by-line reader: the paragraphs so far and what the lines before decided."""
+
+    def __init__(self, substitutions: dict[str, str] | None):
+        self.substitutions = substitutions
+        self.paragraphs: list[str] = []
+        self.current: list[str] = []
+        self.paragraph_indent = 0
+        self.skip_below: int | None = None  # drop every line indented deeper than this (a dropped block's body)
+        self.literal_next = False  # the previous paragraph ended in "::": the next indented block is code
+        self.literal_from = 0
+        self.options_below: int | None = None  # a kept directive's option lines come first in its body
+        self.table = self.after_rule = False  # inside a table (data, not prose): dropped up to the blank line
+        # after its last rule
+
+    def flush(self) -> None:
+        if not self.current:
             return
-        text = " ".join(current)
-        current.clear()
+        text = " ".join(self.current)
+        self.current.clear()
         if text.startswith(">>>"):
             return
         if text.endswith("::"):
-            literal_next, literal_from = True, paragraph_indent
+            self.literal_next, self.literal_from = True, self.paragraph_indent
             text = text[:-3] if text.endswith(" ::") else text[:-1]  # reST: "Example::" -> "Example:"
         text = _FIELD.sub(lambda m: m.group(1).split()[-1] + ": ", text)  # ":param weak: ..." -> "weak: ..."
-        text = rst_inline_to_text(text, substitutions).strip()
+        text = rst_inline_to_text(text, self.substitutions).strip()
         if text:
-            paragraphs.append(text)
+            self.paragraphs.append(text)
 
-    paragraph_indent = 0
-    for line in lines:
-        stripped = line.strip()
-        indent = _indent(line)
-        if skip_below is not None:
-            if not stripped or indent > skip_below:
-                continue
-            skip_below = None
-        if table:
+    def feed(self, line: str) -> None:
+        stripped, indent = line.strip(), _indent(line)
+        if self._skipped(stripped, indent) or self._structure(stripped, indent):
+            return
+        if self.current and indent <= self.paragraph_indent and _BULLET.match(stripped):
+            self.flush()  # the next item of a list
+        elif (self.current and indent > self.paragraph_indent and len(self.current) == 1
+              and not _BULLET.match(self.current[0]) and not _FIELD.match(self.current[0])):
+            self.flush()  # a definition list: the term, then its indented definition
+        if not self.current:
+            self.paragraph_indent = indent
+        self.current.append(stripped)
+
+    def _skipped(self, stripped: str, indent: int) -> bool:
+        """True for a line inside a dropped block, a table, a literal block or a directive's options."""
+        if self.skip_below is not None:
+            if not stripped or indent > self.skip_below:
+                return True
+            self.skip_below = None
+        if self.table:
             if stripped:
-                after_rule = bool(_TABLE_RULE.match(stripped))
-            elif after_rule:
-                table = False
-            continue
+                self.after_rule = bool(_TABLE_RULE.match(stripped))
+            elif self.after_rule:
+                self.table = False
+            return True
         if _TABLE_RULE.match(stripped):
-            flush()
-            table, after_rule = True, False
-            continue
+            self.flush()
+            self.table, self.after_rule = True, False
+            return True
         if not stripped:
-            flush()
-            continue
-        if literal_next and not current:
-            literal_next = False
-            if indent > literal_from:
-                skip_below = literal_from
-                continue
-        if options_below is not None:
-            if indent > options_below and _OPTION_LINE.match(stripped):
-                continue
-            options_below = None
+            self.flush()
+            return True
+        if self.literal_next and not self.current:
+            self.literal_next = False
+            if indent > self.literal_from:
+                self.skip_below = self.literal_from
+                return True
+        if self.options_below is not None:
+            if indent > self.options_below and _OPTION_LINE.match(stripped):
+                return True
+            self.options_below = None
+        return False
+
+    def _structure(self, stripped: str, indent: int) -> bool:
+        """True for a directive, comment, adornment or bare ``::`` line (handled here, no prose)."""
         directive = _DIRECTIVE.match(stripped)
         if directive or stripped == ".." or stripped.startswith(".. "):
-            flush()
+            self.flush()
             name = directive.group(1).lower() if directive else ""
             if name in _PROSE_DIRECTIVES or name in _TITLED_DIRECTIVES:
-                options_below = indent
+                self.options_below = indent
                 title = directive.group(2).strip()
                 if name in _TITLED_DIRECTIVES and title:
-                    paragraphs.append(rst_inline_to_text(title, substitutions).strip())
+                    self.paragraphs.append(rst_inline_to_text(title, self.substitutions).strip())
             else:  # a comment, a link target, or a directive whose body is not prose
-                skip_below = indent
-            continue
+                self.skip_below = indent
+            return True
         if _ADORNMENT.match(stripped):
-            flush()
-            continue
+            self.flush()
+            return True
         if stripped == "::":
-            flush()
-            literal_next, literal_from = True, indent
-            continue
-        if current and indent <= paragraph_indent and _BULLET.match(stripped):
-            flush()  # the next item of a list
-        elif (current and indent > paragraph_indent and len(current) == 1
-              and not _BULLET.match(current[0]) and not _FIELD.match(current[0])):
-            flush()  # a definition list: the term, then its indented definition
-        if not current:
-            paragraph_indent = indent
-        current.append(stripped)
-    flush()
-    return "\n\n".join(paragraphs) + ("\n" if paragraphs else "")
+            self.flush()
+            self.literal_next, self.literal_from = True, indent
+            return True
+        return False
 
 
 def _docs_text(docs: Path, sections: tuple[str, ...], substitutions: dict[str, str],

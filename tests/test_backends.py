@@ -14,7 +14,7 @@ from tiny_models import CACHE_ARG, OLD_LIMIT, VOCAB, cache_of, tiny_model
 
 import hf_posenc
 from hf_posenc.attention import method_of
-from hf_posenc.backends import dispatch, flex
+from hf_posenc.backends import dispatch, flex, masks
 from hf_posenc.backends import sdpa as kernels
 from hf_posenc.methods.alibi import alibi_slopes
 
@@ -168,7 +168,7 @@ def test_every_backend_runs_under_bf16_autocast(method):
 
 def test_long_alibi_builds_no_length_squared_bias(monkeypatch):
     model = converted("gpt2", "alibi")
-    monkeypatch.setattr(hf_posenc.attention, "biased_mask", lambda *a: pytest.fail("built an (H, L, L) bias"))
+    monkeypatch.setattr(masks, "biased_mask", lambda *a, **k: pytest.fail("built an (H, L, L) bias"))
     with torch.no_grad():
         model(ids(1, LONG))
 
@@ -444,11 +444,7 @@ def on_cpu(fn):
     def wrapped(*a, **k):
         if k.get("backend") == "eager":
             raise RuntimeError("CUDA out of memory | fake")
-        bench.DEVICE = "cpu"
-        try:
-            return fn(*a, **k)
-        finally:
-            bench.DEVICE = "cuda"
+        return fn(*a, **{**k, "device": "cpu"})
     return wrapped
 
 bench.build, bench.tokens = on_cpu(real_build), on_cpu(real_tokens)

@@ -36,7 +36,6 @@ NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
 # name -> (family, method, options, expected format, transformers class the export loads as)
 CASES = {
     "llama-yarn": ("llama", "rope", {"scaling": "yarn", "factor": 4.0}, "native", "LlamaForCausalLM"),
-    "qwen2-dynamic": ("qwen2", "rope", {"scaling": "dynamic", "factor": 4.0}, "native", "Qwen2ForCausalLM"),
     "mistral-linear": ("mistral", "rope", {"scaling": "linear", "factor": 2.0, "theta": 5e4}, "native",
                        "MistralForCausalLM"),
     "gpt2-rope": ("gpt2", "rope", {}, "native", "GPTNeoXForCausalLM"),
@@ -201,6 +200,7 @@ def test_a_head_the_native_target_lacks_goes_to_onnx():
     ("gpt2", {"scaling": "dynamic", "factor": 4.0}, "native", "follows the input length"),
     ("gpt2", {"scaling": "dynamic", "factor": 4.0}, "auto", "chooses its frequencies per input length"),
     ("llama", {"scaling": "dynamic_yarn", "factor": 4.0}, "native", "no transformers rope_type"),
+    ("qwen2", {"scaling": "dynamic", "factor": 4.0}, "native", "keeps the longest length it has seen"),
     ("gpt2", {"scaling": "dynamic", "factor": 4.0}, "onnx", "chooses its frequencies per input length"),
 ])
 def test_refusals_list_what_can_be_exported_and_write_nothing(family, options, format, message, tmp_path):

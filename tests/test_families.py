@@ -22,7 +22,8 @@ import hf_posenc
 from hf_posenc import _seams, attention_kwargs
 from hf_posenc.arches import ARCHES
 from hf_posenc.arches.base import IdentityRotary
-from hf_posenc.attention import posenc_attention_forward
+from hf_posenc.attention import method_of, posenc_attention_forward
+from hf_posenc.forward_state import ForwardState
 from hf_posenc.registry import arch_for
 
 TOL = 1e-4
@@ -94,34 +95,39 @@ def attention_call(family: str = "llama", method: str = "alibi", length: int = 8
     q = torch.randn(1, shape.num_heads, length, shape.head_dim)
     k = torch.randn(1, shape.num_kv_heads, length, shape.head_dim)
     v = torch.randn(1, shape.num_kv_heads, length, shape.head_dim)
-    model.base_model.posenc.begin_forward()
     return module, q, k, v
+
+
+def attend(module, q, k, v, mask, **kwargs):
+    """One attention call as the model makes it: with a forward state of its own (no cache: key indices)."""
+    state = ForwardState(method_of(module))
+    return posenc_attention_forward(module, q, k, v, mask, **kwargs, posenc_state=state)
 
 
 @pytest.mark.parametrize("keyword", ["s_aux", "sinks", "logit_scale"])
 def test_an_unknown_attention_kwarg_is_refused_naming_it(keyword):
     module, q, k, v = attention_call()
     with pytest.raises(ValueError, match=keyword):
-        posenc_attention_forward(module, q, k, v, None, **{keyword: torch.zeros(6)})
+        attend(module, q, k, v, None, **{keyword: torch.zeros(6)})
 
 
 def test_is_causal_false_is_honoured():
     """A decoder module called with is_causal=False attends to later keys: the first query sees the last key."""
     module, q, k, v = attention_call()
-    causal, _ = posenc_attention_forward(module, q, k, v, None)
-    bidirectional, _ = posenc_attention_forward(module, q, k, v, None, is_causal=False)
+    causal, _ = attend(module, q, k, v, None)
+    bidirectional, _ = attend(module, q, k, v, None, is_causal=False)
     changed = v.clone()
     changed[:, :, -1] += 1.0
-    moved_last, _ = posenc_attention_forward(module, q, k, changed, None, is_causal=False)
+    moved_last, _ = attend(module, q, k, changed, None, is_causal=False)
     assert (moved_last[:, 0] - bidirectional[:, 0]).abs().max() > 1e-3
-    assert (causal[:, 0] - posenc_attention_forward(module, q, k, changed, None)[0][:, 0]).abs().max() == 0
+    assert (causal[:, 0] - attend(module, q, k, changed, None)[0][:, 0]).abs().max() == 0
 
 
 def test_a_window_without_its_mask_is_refused():
     module, q, k, v = attention_call(length=8)
     with pytest.raises(ValueError, match="sliding_window=4"):
-        posenc_attention_forward(module, q, k, v, None, sliding_window=4)
-    posenc_attention_forward(module, q, k, v, None, sliding_window=8)  # the window hides nothing: fine
+        attend(module, q, k, v, None, sliding_window=4)
+    attend(module, q, k, v, None, sliding_window=8)  # the window hides nothing: fine
 
 
 def test_kernels_without_dropout_hand_the_call_on():
@@ -192,11 +198,12 @@ def test_rotary_stand_in_takes_the_native_rotarys_signature(family):
 
 
 def reported_positions(family: str, x, **kwargs) -> torch.Tensor:
+    """The query positions the method's bias is built for in the model's first attention call."""
     model = hf_posenc.convert(tiny_model(family), "alibi")
     method = model.base_model.posenc
     reports = []
-    original = method.set_query_positions
-    method.set_query_positions = lambda ids: reports.append(ids) or original(ids)
+    original = method.score_bias
+    method.score_bias = lambda q_pos, k_pos: reports.append(q_pos) or original(q_pos, k_pos)
     model(x, **kwargs)
     return reports[0]
 
@@ -241,13 +248,17 @@ HEAD_CASES = [(spec.family, head) for spec in ARCHES for head in spec.head_class
 
 
 @pytest.mark.parametrize("family, head", HEAD_CASES)
-def test_every_head_class_converts_runs_past_the_limit_and_reloads(family, head, tmp_path):
+def test_every_head_class_converts_runs_past_the_limit_and_reloads(family, head, tmp_path, monkeypatch):
     model = hf_posenc.convert(tiny_model(family, head, num_labels=3), "alibi")
     x = ids(2, 2 * OLD_LIMIT + 1)
-    method = model.base_model.posenc
     begun = []
-    original = method.begin_forward
-    method.begin_forward = lambda **kwargs: begun.append(1) or original(**kwargs)
+
+    class Counted(ForwardState):
+        def __init__(self, *args, **kwargs):
+            begun.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(hf_posenc.hooks, "ForwardState", Counted)
     out = model(x)
     assert begun == [1], moved(f"{head}.forward", "running the base model's forward (ArchSpec.forward_root) once")
     logits = out.logits if hasattr(out, "logits") else out.last_hidden_state

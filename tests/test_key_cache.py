@@ -12,7 +12,7 @@ from tiny_models import CACHE_ARG, cache_of
 from transformers import DynamicCache, StaticCache
 
 import hf_posenc
-from hf_posenc import key_cache
+from hf_posenc import key_cache, positions
 
 
 def count_rotated_keys(model, monkeypatch) -> list[int]:
@@ -20,9 +20,9 @@ def count_rotated_keys(model, monkeypatch) -> list[int]:
     method = model.base_model.posenc
     seen, original = [], method.rotate_keys
 
-    def spy(k, k_pos):
+    def spy(k, k_pos, memo=None):
         seen.append(k.shape[-2])
-        return original(k, k_pos)
+        return original(k, k_pos, memo)
 
     monkeypatch.setattr(method, "rotate_keys", spy)
     return seen
@@ -86,7 +86,8 @@ def test_a_cache_filled_elsewhere_is_rotated_in_attention(monkeypatch):
     model = converted("gpt2", "rope")
     with hf_posenc.original_positions(model):
         out = model(ids(1, 10), use_cache=True)
-    assert not cache_of(out).__dict__.get(key_cache.ROTATED)
+    record = positions.record_of(cache_of(out))
+    assert record is None or not record.rotated
     seen = count_rotated_keys(model, monkeypatch)
     model(ids(1, 1), use_cache=True, **{CACHE_ARG: cache_of(out)})
     assert seen == [11] * model.config.n_layer

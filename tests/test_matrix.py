@@ -14,6 +14,7 @@ from safetensors import safe_open
 from tiny_models import CACHE_ARG, FAMILIES, OLD_LIMIT, VOCAB, cache_of, is_encoder, tiny_model
 
 import hf_posenc
+from hf_posenc.methods.base import Memo
 
 METHOD_CASES = {
     "alibi": {},
@@ -217,16 +218,16 @@ def test_position_terms_built_once_per_forward(family, case, monkeypatch):
         pytest.skip("native rotary: transformers computes cos/sin once in LlamaModel.forward")
     calls = []
     if builder == "cos_sin" or builder == "distance_index":
-        original = method.shared
+        original = Memo.get
 
-        def counting_shared(key, build):
+        def counting_get(memo, key, build):
             def counted():
                 calls.append(key)
                 return build()
 
-            return original(key, counted)
+            return original(memo, key, counted)
 
-        monkeypatch.setattr(method, "shared", counting_shared)
+        monkeypatch.setattr(Memo, "get", counting_get)
     else:
         original = getattr(method, builder)
         monkeypatch.setattr(method, builder, lambda *a: calls.append(1) or original(*a))

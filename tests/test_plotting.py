@@ -94,7 +94,7 @@ def test_no_results_and_missing_folder_are_errors(tmp_path, capsys):
 def test_needle_grid_reads_depth_by_length(tmp_path):
     write_result(tmp_path, "m", {"pretrained": "m"}, per_length(
         "posenc_passkey", {1024: 0.5}, {"1024@0,none": 1.0, "1024@0.5,none": 0.0, "2048@0.5,none": 0.25}), date=1.0)
-    grids = position_plots.needle_grid(plotting.load_results([tmp_path]))
+    grids = plotting.needle_grid(plotting.load_results([tmp_path]))
     assert grids == {"m": {(0.0, 1024): 1.0, (0.5, 1024): 0.0, (0.5, 2048): 0.25}}
     assert open(position_plots.plot_needles(grids, tmp_path)[0], "rb").read(8) == PNG
 

@@ -15,6 +15,7 @@ from tiny_models import CACHE_ARG, FAMILIES, OLD_LIMIT, cache_of, tiny_config, t
 from transformers import StaticCache
 
 import hf_posenc
+from hf_posenc.forward_state import ForwardState
 from hf_posenc.registry import arch_for
 
 POSITIONAL = [c for c in METHOD_CASES if c != "nope"]  # nope has no position term to honour
@@ -82,10 +83,8 @@ def test_rope_at_explicit_positions_matches_transformers_rotary(family):
     positions = gapped(12, gap=100)
     q = torch.randn(1, 4, 12, 8)
     k = torch.randn(1, 4, 12, 8)
-    method.begin_forward()
-    method.set_query_positions(positions)
     if method.rotate_in_attention:
-        q_pos, k_pos = method.positions(12, 12, q.device)
+        q_pos, k_pos = ForwardState(method, queries=positions).positions(12, 12, q.device)
         ours = method.rotate(q, k, q_pos, k_pos)
         inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 8, 2).float() / 8))
         freqs = positions[..., None].float() * inv_freq
@@ -198,7 +197,7 @@ def test_cached_keys_keep_the_positions_they_were_written_with():
     model = converted("gpt2", "alibi")
     x = ids(1, 20)
     out = model(x, position_ids=torch.arange(20)[None] * 3, use_cache=True)
-    stored = getattr(cache_of(out), hf_posenc.positions.ATTRIBUTE)
+    stored = hf_posenc.positions.record_of(cache_of(out)).positions
     assert torch.equal(stored, torch.arange(20)[None] * 3)
 
 

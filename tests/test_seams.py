@@ -12,6 +12,7 @@ from tiny_models import CACHE_ARG, OLD_LIMIT, cache_of, tiny_model
 
 import hf_posenc
 from hf_posenc import _seams
+from hf_posenc.backends import masks
 from hf_posenc.attention import ATTN_IMPLEMENTATION
 
 
@@ -40,13 +41,13 @@ def test_attention_and_mask_registries_know_us():
 def test_attention_function_receives_padding_mask_and_cached_keys(family, monkeypatch):
     model = hf_posenc.convert(tiny_model(family), "alibi")
     seen = []
-    original = hf_posenc.attention.biased_mask
+    original = masks.biased_mask
 
     def spy(method, attention_mask, q_pos, k_pos, causal, dtype, **kwargs):
         seen.append((attention_mask, q_pos.numel(), k_pos.numel()))
         return original(method, attention_mask, q_pos, k_pos, causal, dtype, **kwargs)
 
-    monkeypatch.setattr(hf_posenc.attention, "biased_mask", spy)
+    monkeypatch.setattr(masks, "biased_mask", spy)
     x = torch.randint(4, 300, (2, 10))
     mask = torch.ones_like(x)
     mask[1, -3:] = 0

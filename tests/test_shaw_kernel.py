@@ -11,7 +11,7 @@ import torch
 from tiny_models import CACHE_ARG, VOCAB, cache_of, tiny_model
 
 import hf_posenc
-from hf_posenc.attention import keep_mask
+from hf_posenc.backends.masks import keep_mask
 from hf_posenc.backends import dispatch
 from hf_posenc.backends.eager import eager_attention
 from hf_posenc.backends.shaw_banded import shaw_banded_attention

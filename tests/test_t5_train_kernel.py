@@ -163,5 +163,6 @@ def test_auto_training_rules():
     assert choose(q.detach().bfloat16().requires_grad_()) == "sdpa-blocked"  # 3c: bf16 training
     mask = torch.ones(1, 1, q.shape[2], q.shape[2], dtype=torch.bool)
     assert choose(q, mask=mask) == "sdpa-blocked"  # 3c: padding
-    with torch.no_grad():
-        assert choose(q, dropout=0.1) == "sdpa-banded"  # inference (attention_kwargs hands dropout to sdpa)
+    with torch.no_grad():  # inference: rule 3b picks the banded kernel, which has no dropout: handed to sdpa
+        assert dispatch._backend_kernel("auto", method, q, q, q, None, True, 0.1, False, True) == "sdpa-banded"
+        assert choose(q, dropout=0.1) == "sdpa"

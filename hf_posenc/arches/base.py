@@ -51,6 +51,10 @@ class ArchSpec:
     # the table row that holds position 0, where the table adds its own offset to the ids it is called with (OPT:
     # 2); None: table_offset. What a method that keeps the table (``learned``) copies from
     table_first_row: Callable[[object], int] | None = None
+    # (base_model, forward args, forward kwargs, cached-key count) -> the (B, L) position ids the model derives when it is given
+    # none, where its rule is not key indices (OPT: from the attention mask; RoBERTa: from the padding tokens);
+    # the forward hook passes them explicitly, so the cache and every layer see the model's own positions
+    derive_position_ids: Callable[[nn.Module, tuple, dict, object], torch.Tensor | None] | None = None
     rotary: str | None = None  # native rotary module under the base model, if any
     decoder_layers: str | None = None  # ModuleList of layers under the base model (for Llama-style embeds)
     # the module under the base model whose forward every forward of the model runs, if not the base model itself
@@ -106,25 +110,13 @@ def rms(weight: torch.Tensor) -> float:
     return float(weight.detach().float().pow(2).mean().sqrt())
 
 
-class PositionStandIn(nn.Module):
-    """Base of the modules that replace a family's native position code. The model calls them with the
-    ``position_ids`` of this forward; they report those to the method (``method.set_query_positions``), so every
-    method uses the caller's positions. The method is held unregistered (it lives under base_model.posenc)."""
-
-    def __init__(self, method: nn.Module):
-        super().__init__()
-        self.__dict__["method"] = method
-
-    def report(self, position_ids: torch.Tensor) -> None:
-        self.method.set_query_positions(position_ids)
-
-
-class TablePositions(PositionStandIn):
+class TablePositions(nn.Module):
     """Base of the stand-ins for a learned position table: called as the family calls its table (``table_call``),
-    it reports ``position_ids - offset`` (position 0 at the first token) to the method."""
+    it returns the embedding of ``position_ids - offset`` (position 0 at the first token). The same ids reach the
+    attention calls (:mod:`hf_posenc.forward_state`); the stand-in only embeds."""
 
-    def __init__(self, method: nn.Module, table_call: Callable[..., torch.Tensor], offset: int, dtype: torch.dtype):
-        super().__init__(method)
+    def __init__(self, table_call: Callable[..., torch.Tensor], offset: int, dtype: torch.dtype):
+        super().__init__()
         self.table_call, self.offset = table_call, offset
         # empty: holds no values (so to_empty after init on the meta device leaves nothing uninitialised), only
         # the dtype / device the model is moved to
@@ -132,16 +124,15 @@ class TablePositions(PositionStandIn):
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         position_ids = self.table_call(*args, **kwargs) - self.offset  # a TypeError names a changed signature
-        self.report(position_ids)
         return self.embed(position_ids)  # (B, L, E)
 
 
 class ZeroPositions(TablePositions):
     """Stands in for a removed learned position table: adds nothing, at any length."""
 
-    def __init__(self, method: nn.Module, hidden_size: int, dtype: torch.dtype,
-                 table_call: Callable[..., torch.Tensor] = embedding_call, offset: int = 0):
-        super().__init__(method, table_call, offset, dtype)
+    def __init__(self, hidden_size: int, dtype: torch.dtype, table_call: Callable[..., torch.Tensor] = embedding_call,
+                 offset: int = 0):
+        super().__init__(table_call, offset, dtype)
         self.hidden_size = hidden_size
 
     def embed(self, position_ids: torch.Tensor) -> torch.Tensor:
@@ -150,28 +141,44 @@ class ZeroPositions(TablePositions):
 
 
 class MethodPositions(TablePositions):
-    """Stands in for a learned position table with an absolute method's ``embed`` (e.g. sinusoidal)."""
+    """Stands in for a learned position table with an absolute method's ``embed`` (e.g. sinusoidal). The method is
+    held unregistered (it lives under base_model.posenc)."""
 
     def __init__(self, method: nn.Module, dtype: torch.dtype, table_call: Callable[..., torch.Tensor] = embedding_call,
                  offset: int = 0):
-        super().__init__(method, table_call, offset, dtype)
+        super().__init__(table_call, offset, dtype)
+        self.__dict__["method"] = method
 
     def embed(self, position_ids: torch.Tensor) -> torch.Tensor:
         return self.method.embed(position_ids).to(self.dtype_ref.dtype)  # (B, L, E)
 
 
-class IdentityRotary(PositionStandIn):
+class IdentityRotary(nn.Module):
     """Stands in for a Llama-style rotary embedding: cos = 1, sin = 0, so ``apply_rotary_pos_emb`` is a no-op.
     The rotary is applied before the cache update, so this also keeps cached keys unrotated."""
 
-    def __init__(self, method: nn.Module, head_dim: int):
-        super().__init__(method)
+    def __init__(self, head_dim: int):
+        super().__init__()
         self.head_dim = head_dim
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """``layer_type``: Gemma3-style rotaries take the layer's kind; the identity is the same for every kind."""
-        self.report(position_ids)
         shape = (*position_ids.shape, self.head_dim)  # (B, L, D)
         one = torch.ones((), dtype=x.dtype, device=x.device).expand(shape)
         return one, torch.zeros((), dtype=x.dtype, device=x.device).expand(shape)
+
+
+class EmbedBeforeFirstLayer:
+    """Forward pre-hook: adds an absolute method's embedding to the hidden states entering layer 0
+    (Llama-style models have no position table to replace)."""
+
+    def __init__(self, method: nn.Module):
+        self.method = method
+
+    def __call__(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = hidden + self.method.embed(kwargs["position_ids"]).to(hidden.dtype)  # (B, L, E)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}

@@ -15,6 +15,15 @@ def opt_table_call(attention_mask: torch.Tensor, cache_length: int = 0,
     return position_ids
 
 
+def opt_position_ids(base_model, args: tuple, kwargs: dict, cache_length) -> torch.Tensor | None:
+    """OPT's own rule for the position ids of a forward given none: count the attended tokens of the 2-D mask
+    (None without one: key indices, as OPT computes them)."""
+    mask = kwargs.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return None
+    return opt_table_call(mask, cache_length)
+
+
 def opt_first_row(config) -> int:
     return 2  # OPTLearnedPositionalEmbedding.offset: it looks up position_ids + 2
 
@@ -26,6 +35,7 @@ OPT = ArchSpec(
     position_table="decoder.embed_positions",
     table_call=opt_table_call,
     table_first_row=opt_first_row,
+    derive_position_ids=opt_position_ids,
     forward_root="decoder",  # OPTForCausalLM calls model.decoder, not model
     packs_by_position_ids=False,  # OPTDecoder builds its causal mask without position_ids
     head_classes=("OPTForCausalLM", "OPTModel", "OPTForSequenceClassification"),

@@ -39,9 +39,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..attention_kwargs import CallSemantics
+from ..attention_kwargs import CallSemantics, kernel_for
 from ..methods.base import PositionTerm
 from . import flex, sdpa, shaw_banded
+from .eager import eager_kernel
+from .plain import sdpa_kernel
 
 BLOCKED_MIN_QUERIES = 512  # below: the shared (1, H, Lq, Lk) bias is as fast and small enough
 WINDOWED_MIN_QUERIES = 512
@@ -52,7 +54,7 @@ SHAW_BANDED_MIN_QUERIES = 256  # below (and decode steps): eager's (B, H, Lq, Lk
 class KernelCall:
     """One attention call, as every kernel receives it. q (B,H,Lq,D), k / v (B,Hkv,Lk,D) (cache included, already
     rotated), mask: transformers' (bool (B|1,1,Lq,Lk) True = attend, additive float, or None), q_pos (P,Lq),
-    k_pos (P,Lk)."""
+    k_pos (P,Lk), ``state``: the forward's :class:`~hf_posenc.forward_state.ForwardState` (its memo)."""
 
     module: Any
     method: Any
@@ -65,6 +67,7 @@ class KernelCall:
     causal: bool
     q_pos: torch.Tensor
     k_pos: torch.Tensor
+    state: Any
     kwargs: dict = field(default_factory=dict)
     semantics: CallSemantics = field(default_factory=CallSemantics)  # softcap, sliding window, is_causal
 
@@ -95,12 +98,6 @@ def run_kernel(name: str, call: KernelCall) -> tuple:
     return KERNELS["sdpa"].run(call) if out is None else out
 
 
-def _attention():  # the attention function's own kernels (shared-bias SDPA, eager) live next to it
-    from .. import attention
-
-    return attention
-
-
 def _windowed(call: KernelCall):
     slopes = flex.alibi_slopes_of(call.method, call.query.device)  # (H,)
     return sdpa.alibi_windowed_attention(call.query, call.key, call.value, slopes, call.scaling, call.dropout), None
@@ -113,7 +110,7 @@ def _banded(call: KernelCall):
 def _blocked(call: KernelCall):
     method, query, k_len = call.method, call.query, call.key.shape[2]
     rows = min(sdpa.BLOCK_ROWS, query.shape[2])
-    template = method.shared(
+    template = call.state.memo.get(
         ("template", rows, k_len, query.dtype),
         lambda: sdpa.causal_template(method, call.k_pos[0], rows, query.dtype),
     )
@@ -130,13 +127,13 @@ def _shaw_banded(call: KernelCall):
 
 def _flex(call: KernelCall):
     out = flex.flex_attention(call.method, call.query, call.key, call.value, call.attention_mask, call.scaling,
-                              call.causal)
+                              call.causal, call.state.memo)
     return None if out is None else (out, None)
 
 
 for _kernel in (
-    Kernel("eager", lambda term: True, lambda call: _attention().eager_kernel(call)),
-    Kernel("sdpa", lambda term: not term.content, lambda call: _attention().sdpa_kernel(call)),
+    Kernel("eager", lambda term: True, eager_kernel),
+    Kernel("sdpa", lambda term: not term.content, sdpa_kernel),
     Kernel("sdpa-blocked", lambda term: not term.content and term.bias == "distance", _blocked),
     Kernel("sdpa-windowed", lambda term: term.bias_form == "linear", _windowed),
     Kernel("sdpa-banded", lambda term: term.bias_form == "banded", _banded),
@@ -144,6 +141,16 @@ for _kernel in (
     Kernel("shaw-banded", lambda term: term.content_form == "clipped", _shaw_banded),
 ):
     register_kernel(_kernel)
+
+
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, the dtype autocast gives SDPA: Llama-style q / k leave the rotary in fp32 while v is bf16;
+    the kernels called directly (CPU flash, FlexAttention, the eager softmax) need one dtype."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def needs_grad(method, query, key, value) -> bool:
@@ -155,10 +162,20 @@ def needs_grad(method, query, key, value) -> bool:
 
 
 def choose_kernel(backend: str, method, query, key, value, attention_mask, causal: bool, dropout: float,
-                  weights_requested: bool, plain_positions: bool = True) -> str:
-    """The kernel for one call (see the module doc for the ``auto`` rules). ``plain_positions``: the positions are
-    key indices (one row, consecutive, queries last); the query-block and flex kernels assume it, so other
-    positions (explicit ids with gaps, packing, per-row offsets, a static cache's capacity) take ``sdpa``."""
+                  weights_requested: bool, plain_positions: bool = True,
+                  semantics: CallSemantics | None = None) -> str:
+    """The kernel for one call: the one place a kernel is chosen (see the module doc for the ``auto`` rules).
+    ``plain_positions``: the positions are key indices (one row, consecutive, queries last); the query-block and
+    flex kernels assume it, so other positions (explicit ids with gaps, packing, per-row offsets, a static cache's
+    capacity) take ``sdpa``. ``semantics``: the call's softcap / sliding window, which some kernels cannot apply
+    (:func:`hf_posenc.attention_kwargs.kernel_for` names the one that does)."""
+    kernel = _backend_kernel(backend, method, query, key, value, attention_mask, causal, dropout, weights_requested,
+                             plain_positions)
+    return kernel_for(kernel, semantics or CallSemantics(), dropout)
+
+
+def _backend_kernel(backend: str, method, query, key, value, attention_mask, causal: bool, dropout: float,
+                    weights_requested: bool, plain_positions: bool) -> str:
     if weights_requested or backend == "eager":
         return "eager"
     grad = needs_grad(method, query, key, value)

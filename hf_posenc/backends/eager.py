@@ -8,9 +8,18 @@ import torch
 from torch import nn
 
 from .._seams import repeat_kv
+from .masks import additive_mask
 
 
-def eager_attention(module, method, query, key, value, mask, dropout, scaling, q_pos, k_pos, softcap=None):
+def eager_kernel(call):
+    """The ``"eager"`` kernel: explicit softmax; returns the probabilities; runs content terms."""
+    return eager_attention(call.module, call.method, call.query, call.key, call.value, additive_mask(call),
+                           call.dropout, call.scaling, call.q_pos, call.k_pos, softcap=call.semantics.softcap,
+                           memo=call.state.memo)
+
+
+def eager_attention(module, method, query, key, value, mask, dropout, scaling, q_pos, k_pos, softcap=None,
+                    memo=None):
     """Explicit softmax attention that also applies Shaw's key/value terms. Returns (out (B,Lq,H,D), probs).
     ``softcap`` (Gemma2's logit soft-capping): the content scores are capped, softcap * tanh(s / softcap), before
     ``mask`` (position bias + padding/causal) is added, so the method's bias keeps its full range."""
@@ -18,7 +27,7 @@ def eager_attention(module, method, query, key, value, mask, dropout, scaling, q
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, H, Lk, D)
     scores = query @ key.transpose(2, 3)  # (B, H, Lq, Lk)
     if method.has_relative_kv:
-        scores = scores + method.key_term(query, key, module.layer_idx, q_pos, k_pos)
+        scores = scores + method.key_term(query, key, module.layer_idx, q_pos, k_pos, memo)
     scores = scores * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
@@ -28,5 +37,5 @@ def eager_attention(module, method, query, key, value, mask, dropout, scaling, q
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     out = probs @ value  # (B, H, Lq, D)
     if method.has_relative_kv:
-        out = out + method.value_term(probs, module.layer_idx, q_pos, k_pos)
+        out = out + method.value_term(probs, module.layer_idx, q_pos, k_pos, memo)
     return out.transpose(1, 2).contiguous(), probs

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from ..methods.base import shared
+
 BLOCK = 128  # flex's default sparse block size
 MIN_QUERIES = 2  # single-token decode steps use SDPA with a (1, H, 1, Lk) bias row: cheaper, and nothing to compile
 # torch 2.13's compiled CPU flex returned NaN for some inputs shorter than one block (L = 8, 24; it varied between
@@ -189,7 +191,8 @@ def score_mod_for(method, q_len: int, k_len: int, dtype, device):
     return None
 
 
-def flex_attention(method, query, key, value, attention_mask, scaling: float, causal: bool) -> torch.Tensor | None:
+def flex_attention(method, query, key, value, attention_mask, scaling: float, causal: bool, memo=None
+                   ) -> torch.Tensor | None:
     """Returns (B, Lq, H, D), or None when the mask is not causal + key padding or the CPU kernel returned
     non-finite values (the caller then uses SDPA)."""
     q_len, k_len = query.shape[2], key.shape[2]
@@ -201,7 +204,7 @@ def flex_attention(method, query, key, value, attention_mask, scaling: float, ca
         )
 
     mask = None if attention_mask is None else (tuple(attention_mask.shape), attention_mask.dtype)  # not id():
-    block_mask, score_mod = method.shared(("flex", mask, q_len, k_len, query.device), build)  # compile guards
+    block_mask, score_mod = shared(memo, ("flex", mask, q_len, k_len, query.device), build)  # compile guards
     if block_mask is None:
         return None
     for tensor in (query, key, value):  # heads and head dim never vary for a model: keep them out of the

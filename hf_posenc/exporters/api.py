@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .._fs import check_output_dir, replaced_dir
-from ..convert import is_converted
+from ..config import is_converted
 from . import onnx as onnx_export
 from .common import family, posenc
 from .readme import write_readme

@@ -1,7 +1,7 @@
 """Llama-style (Llama, Mistral, Qwen2) + ``rope`` -> the family's own model with ``rope_parameters``.
 
-A converted Llama-style model with full rotary and a transformers scaling already runs the family's own rotary
-class, re-configured (see ``convert._native_rotary``): the export is the same weights under a config whose
+A converted Llama-style model with full rotary and a static transformers scaling (none, linear, yarn) already runs
+the family's own rotary class, re-configured (see ``convert._native_rotary``): the export is the same weights under a config whose
 ``rope_parameters`` are :meth:`Rope.native_rope_parameters` (``max_position_embeddings``: see
 :func:`.common.rope_limit`).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..methods.rope import NATIVE_SCALINGS
+from ..methods.rope import IN_PLACE_SCALINGS, NATIVE_SCALINGS
 from .common import load_weights, plain_config, posenc, rope_limit, rope_parameters
 
 
@@ -21,6 +21,10 @@ def refusal(model: nn.Module) -> str | None:
                 "every dim of the head")
     if options["scaling"] not in NATIVE_SCALINGS:
         return f"scaling={options['scaling']!r} has no transformers rope_type (it is rotated by hf_posenc itself)"
+    if options["scaling"] not in IN_PLACE_SCALINGS:
+        return (f"scaling={options['scaling']!r} follows each input's length in hf_posenc (per row, no history); "
+                "transformers' dynamic rotary keeps the longest length it has seen and rotates cached keys once, "
+                "so a native export would differ past the trained context")
     return None
 
 

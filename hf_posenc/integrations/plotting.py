@@ -129,6 +129,26 @@ def plot(series: Series, out_dir: str | Path, trained: dict[str, int] | None = N
     return written
 
 
+def needle_grid(results: list[dict]) -> dict[str, dict[tuple[float, int], float]]:
+    """label -> {(depth, length): accuracy} from passkey results' ``"<L>@<depth>,<filter>"`` metrics."""
+    grids: dict[str, dict[tuple[float, int], float]] = {}
+    for result in results:
+        base = model_label(result)
+        for task, metrics in result["results"].items():
+            if not task.startswith("posenc_passkey"):
+                continue
+            label = base if task == "posenc_passkey" else f"{base} [{task}]"
+            for key, value in metrics.items():
+                name = key.partition(",")[0]
+                length, at, depth = name.partition("@")
+                if at and length.isdigit() and isinstance(value, (int, float)):
+                    try:
+                        grids.setdefault(label, {})[(float(depth), int(length))] = float(value)
+                    except ValueError:
+                        continue
+    return grids
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import position_plots
 
@@ -162,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hf-posenc plot: error: {err}", file=sys.stderr)
             return 2
         series, trained = collect(results)
-        found = plot(series, args.out, trained) + position_plots.plot_needles(position_plots.needle_grid(results),
+        found = plot(series, args.out, trained) + position_plots.plot_needles(needle_grid(results),
                                                                               args.out)
         if not found:
             print(f"hf-posenc plot: error: no posenc_ppl / posenc_passkey / niah_* results in "

@@ -34,7 +34,6 @@ def position_term(method, length: int, device=None) -> tuple[torch.Tensor, str]:
     """((heads', L, L) fp32 term for queries i (rows) and keys j (columns) at positions 0..L-1, what it is)."""
     positions = torch.arange(length, device=device)[None]  # (1, L)
     shape, term = method.shape, method.term
-    method.begin_forward()
     with torch.no_grad():
         if term.bias:
             return method.score_bias(positions, positions)[0].float().cpu(), "score bias"
@@ -116,28 +115,6 @@ def plot_positions(model, out_dir: str | Path, lengths=LENGTHS, label: str = "")
     ax.set_title(f"{title}, length {length}", fontsize=9)
     written.append(_save(fig, out / "positions_distance.png"))
     return written
-
-
-def needle_grid(results: list[dict]) -> dict[str, dict[tuple[float, int], float]]:
-    """label -> {(depth, length): accuracy} from passkey results' ``"<L>@<depth>,<filter>"`` metrics."""
-    from .plotting import model_label
-
-    grids: dict[str, dict[tuple[float, int], float]] = {}
-    for result in results:
-        base = model_label(result)
-        for task, metrics in result["results"].items():
-            if not task.startswith("posenc_passkey"):
-                continue
-            label = base if task == "posenc_passkey" else f"{base} [{task}]"
-            for key, value in metrics.items():
-                name = key.partition(",")[0]
-                length, at, depth = name.partition("@")
-                if at and length.isdigit() and isinstance(value, (int, float)):
-                    try:
-                        grids.setdefault(label, {})[(float(depth), int(length))] = float(value)
-                    except ValueError:
-                        continue
-    return grids
 
 
 def plot_needles(grids: dict[str, dict[tuple[float, int], float]], out_dir: str | Path) -> list[Path]:

@@ -2,10 +2,9 @@
 
 Shapes: B batch, H query heads, Lq / Lk query / key length, D head dim, E hidden size; P = 1 or B: position
 tensors are (P, L), one row shared by the batch unless the rows differ (left padding, packing).
-Positions come from the caller: q_pos are the ``position_ids`` the model used for this forward (the model's
-stand-in modules report them with :meth:`PositionMethod.set_query_positions`), and k_pos are the positions every
-key was written with: those of the cached keys (kept on the cache object, see :mod:`hf_posenc.positions`)
-followed by q_pos. Where nothing reports positions, key indices: ``k_pos = arange(Lk)``, ``q_pos = k_pos[-Lq:]``.
+Positions come from the caller: q_pos are the ``position_ids`` the model used for this forward (the attention
+call receives them, :mod:`hf_posenc.forward_state`), and k_pos are the positions every key was written with:
+those of the cached keys (kept on the cache object, see :mod:`hf_posenc.positions`) followed by q_pos. Where nothing reports positions, key indices: ``k_pos = arange(Lk)``, ``q_pos = k_pos[-Lq:]``.
 A method knows no model family and no harness: it sees tensors, a :class:`ModelShape` and its options.
 """
 
@@ -134,6 +133,30 @@ def key_positions(queries: torch.Tensor | None, past: torch.Tensor | None, q_len
     return queries, keys
 
 
+class Memo:
+    """Position-only terms built once per forward and reused by every layer. Keys are values (lengths, shapes,
+    dtypes, devices), never ``id()``: torch.compile guards on them. ``share=False`` (activation checkpointing: a
+    recomputed layer must redo what it did) and ``torch.export`` (symbolic sizes) build every time."""
+
+    __slots__ = ("items", "share")
+
+    def __init__(self, share: bool = True):
+        self.items: dict[tuple, Any] = {}
+        self.share = share
+
+    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
+        if not self.share or torch.compiler.is_exporting():
+            return build()
+        if key not in self.items:
+            self.items[key] = build()
+        return self.items[key]
+
+
+def shared(memo: Memo | None, key: tuple, build: Callable[[], Any]) -> Any:
+    """``memo.get(key, build)``; without a memo (a method called on its own), ``build()``."""
+    return build() if memo is None else memo.get(key, build)
+
+
 @dataclass(frozen=True)
 class PositionTerm:
     """What a method adds to attention: its declaration, read by convert and by the kernel registry
@@ -209,7 +232,9 @@ class PositionMethod(nn.Module):
       ``value_term(probs, layer_idx, q_pos, k_pos) -> (B,H,Lq,D)``: content-dependent relative terms (Shaw,
       Transformer-XL), added to the raw scores q k^T before ``scaling``; they need the probabilities, so eager.
     - ``embed(position_ids) -> (B|1, L, E)``: absolute methods, added at the embedding layer.
-    Position-only terms go through :meth:`shared`, so they are built once per forward and reused by every layer.
+    A method holds parameters and options only: the state of a forward (positions, the per-forward memo) is
+    passed in. ``memo`` (a :class:`hf_posenc.forward_state.Memo`, or None) keeps position-only terms built once
+    per forward and reused by every layer.
     """
 
     name: ClassVar[str]
@@ -238,85 +263,22 @@ class PositionMethod(nn.Module):
         super().__init__()
         self.options = options
         self.shape = shape
-        self._memo: dict[tuple, Any] = {}
-        self._share = True
-        self._query_positions: torch.Tensor | None = None  # (B|1, Lq), this forward's position_ids
-        self._past_positions: torch.Tensor | None = None  # (P, n), the cached keys' positions
-
-    # -- per-forward memo -------------------------------------------------------------------------------
-    def shared(self, key: tuple, build: Callable[[], Any]) -> Any:
-        """Return ``build()``, computed once per forward of the model and reused by all layers. Under
-        ``torch.export`` (ONNX export) sizes are symbolic and cannot key the memo: each layer builds its own."""
-        if not self._share or torch.compiler.is_exporting():
-            return build()
-        if key not in self._memo:
-            self._memo[key] = build()
-        return self._memo[key]
-
-    def clear_memo(self, *_args: Any, **_kwargs: Any) -> None:
-        self._memo.clear()
-
-    def begin_forward(self, share: bool = True, past_positions: torch.Tensor | None = None) -> None:
-        """Called before each forward of the model. ``share=False`` under activation checkpointing: a layer that is
-        recomputed in backward must redo exactly what it did in forward, so each layer builds its own terms (in
-        forward the first layer built them; in the recompute, whichever layer runs first would).
-        ``past_positions`` (P, n): the positions of the n keys already in the cache (None: no cache seen; a static
-        cache's: :class:`SlotPositions`)."""
-        self._memo.clear()
-        self._share = share
-        self._query_positions = None
-        self._past_positions = past_positions
-
-    def set_query_positions(self, position_ids: torch.Tensor) -> None:
-        """The (B|1, Lq) ``position_ids`` of this forward, reported by the module that consumes them."""
-        self._query_positions = position_ids
-
-    def positions(self, q_len: int, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q_pos (P, Lq), k_pos (P, Lk)) long: the caller's positions for the queries, and for the keys the
-        positions they were written with (see the module doc). Key slots past the written ones (a static cache's
-        capacity) get position 0; the attention mask hides them."""
-        return self.shared(("positions", q_len, k_len, device), lambda: key_positions(
-            self._query_positions, self._past_positions, q_len, k_len, device))
-
-    def written_positions(self) -> torch.Tensor | None:
-        """(P, n + Lq): positions of every real key the cache holds after this forward (None: nothing reported)."""
-        if self._query_positions is None:
-            return None
-        return join_positions(self._past_positions, shared_rows(self._query_positions.long()))
-
-    def plain_positions(self, q_len: int, k_len: int, device: torch.device) -> bool:
-        """True when q_pos / k_pos are one row of consecutive integers with the queries the last Lq keys: what the
-        query-block and flex kernels assume (they work from key indices; a distance-only bias is shift-invariant).
-        Under ``torch.export`` False: the positions are not known when the graph is traced (general kernels only)."""
-        if torch.compiler.is_exporting():
-            return False
-
-        def build():
-            q_pos, k_pos = self.positions(q_len, k_len, device)
-            if torch.compiler.is_compiling():  # reading values would sync and break the graph; sdpa is exact
-                return False
-            if k_pos.shape[0] != 1:
-                return False
-            steps = torch.arange(k_len, device=device) + k_pos[0, 0]
-            return bool(torch.equal(k_pos[0], steps)) and bool(torch.equal(q_pos[0], steps[k_len - q_len :]))
-
-        return self.shared(("plain_positions", q_len, k_len, device), build)
 
     # -- hooks (overridden by the methods that declare the matching flag) ------------------------------
     @property
     def rotate_in_attention(self) -> bool:
         return self.rotates
 
-    def rotate(self, q, k, q_pos, k_pos):
+    def rotate(self, q, k, q_pos, k_pos, memo=None):
         raise NotImplementedError
 
     def score_bias(self, q_pos, k_pos):
         raise NotImplementedError
 
-    def key_term(self, q, layer_idx, q_pos, k_pos):
+    def key_term(self, q, k, layer_idx, q_pos, k_pos, memo=None):
         raise NotImplementedError
 
-    def value_term(self, probs, layer_idx, q_pos, k_pos):
+    def value_term(self, probs, layer_idx, q_pos, k_pos, memo=None):
         raise NotImplementedError
 
     def embed(self, position_ids):

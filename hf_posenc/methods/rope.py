@@ -28,11 +28,14 @@ import torch
 from transformers import PretrainedConfig
 
 from .._seams import ROPE_INIT_FUNCTIONS
-from .base import (MethodOptions, ModelShape, PositionMethod, PositionTerm, SlotPositions, check_range, help_field,
-                   shared_rows)
+from .base import Memo, MethodOptions, ModelShape, PositionMethod, PositionTerm, check_range, help_field, shared
 
 SCALINGS = ("linear", "dynamic", "yarn", "dynamic_yarn")
-NATIVE_SCALINGS = (None, "linear", "dynamic", "yarn")  # what transformers' own rotary classes compute
+NATIVE_SCALINGS = (None, "linear", "dynamic", "yarn")  # what transformers' rope_parameters express (export)
+# what a Llama-style model's own rotary module computes in place for us: not ``dynamic``, whose transformers module
+# keeps the longest length seen in earlier calls (a forward would depend on its history) and takes one scale for
+# the whole batch (a left-padded row would differ from the same row alone); we rotate per row in attention instead
+IN_PLACE_SCALINGS = (None, "linear", "yarn")
 YARN_SCALINGS = ("yarn", "dynamic_yarn")
 
 
@@ -132,9 +135,9 @@ class Rope(PositionMethod):
 
     @property
     def rotate_in_attention(self) -> bool:
-        # the native rotary of a Llama-style model can express full rotary with transformers' scalings; partial
-        # rotary and dynamic YaRN are done by us
-        native = self.options.fraction == 1.0 and self.options.scaling in NATIVE_SCALINGS
+        # the native rotary of a Llama-style model computes full rotary with the in-place scalings; partial
+        # rotary, dynamic NTK and dynamic YaRN are done by us, per row
+        native = self.options.fraction == 1.0 and self.options.scaling in IN_PLACE_SCALINGS
         return not (self.shape.native_rotary and native)
 
     def native_rope_parameters(self) -> dict:
@@ -180,7 +183,7 @@ class Rope(PositionMethod):
         exponents = torch.arange(0, self.rot_dim, 2, dtype=torch.float32, device=device) / self.rot_dim
         return 1.0 / (self.options.theta**exponents)
 
-    def cos_sin(self, positions: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype):
+    def cos_sin(self, positions: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype, memo: Memo | None = None):
         """(cos, sin), each (P, 1, L, rot_dim), for ``positions`` (P, L) (the queries' or the keys'); shared by
         all layers within a forward. The dynamic scalings follow the longest key position of each row,
         ``max(k_pos) + 1`` (transformers' dynamic RoPE: ``max(position_ids) + 1`` over the batch)."""
@@ -192,7 +195,7 @@ class Rope(PositionMethod):
             return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
         key = ("rope", tuple(positions.shape), tuple(k_pos.shape), positions.device, dtype)
-        return self.shared(key, build)
+        return shared(memo, key, build)
 
     def _row_frequencies(self, k_pos: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Inverse frequencies and cos/sin scale per row of positions. The dynamic scalings follow each row's
@@ -222,17 +225,17 @@ class Rope(PositionMethod):
         inv_freq = unscaled * (ramp + (1.0 - ramp) / scale)  # (P', rot_dim/2)
         return inv_freq, yarn_attention_factor(scale, self.options.mscale).reshape(-1, 1, 1, 1)
 
-    def rotate(self, q, k, q_pos, k_pos):
-        return self.rotate_queries(q, q_pos, k_pos), self.rotate_keys(k, k_pos)
+    def rotate(self, q, k, q_pos, k_pos, memo=None):
+        return self.rotate_queries(q, q_pos, k_pos, memo), self.rotate_keys(k, k_pos, memo)
 
-    def rotate_queries(self, q, q_pos, k_pos):
+    def rotate_queries(self, q, q_pos, k_pos, memo=None):
         """q (B, H, Lq, D) rotated at q_pos (P, Lq); k_pos (P, Lk) sets the dynamic scalings' frequencies."""
-        cos, sin = self.cos_sin(q_pos, k_pos, q.dtype)
+        cos, sin = self.cos_sin(q_pos, k_pos, q.dtype, memo)
         return self._rotate_one(q, cos, sin)
 
-    def rotate_keys(self, k, k_pos):
+    def rotate_keys(self, k, k_pos, memo=None):
         """k (B, Hkv, Lk, D) rotated at k_pos (P, Lk)."""
-        cos, sin = self.cos_sin(k_pos, k_pos, k.dtype)
+        cos, sin = self.cos_sin(k_pos, k_pos, k.dtype, memo)
         return self._rotate_one(k, cos, sin)
 
     @property
@@ -241,15 +244,6 @@ class Rope(PositionMethod):
         depends on its own position only: not with the dynamic scalings, whose frequencies follow the longest
         position of the input (every key re-rotates when it grows)."""
         return self.rotate_in_attention and self.options.scaling not in ("dynamic", "dynamic_yarn")
-
-    def new_key_positions(self, n_new: int, device) -> torch.Tensor:
-        """(P, n_new) positions of the keys this forward writes: its reported position ids, else the indices
-        after the cached keys."""
-        if self._query_positions is not None and self._query_positions.shape[-1] == n_new:
-            return shared_rows(self._query_positions.to(device).long())
-        past = self._past_positions
-        start = 0 if past is None else past.length if isinstance(past, SlotPositions) else past.shape[-1]
-        return (torch.arange(n_new, device=device) + start)[None]
 
     def _rotate_one(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x[..., : self.rot_dim], x[..., self.rot_dim :]

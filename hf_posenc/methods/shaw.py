@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import MethodOptions, ModelShape, PositionMethod, PositionTerm, check_range, help_field
+from .base import Memo, MethodOptions, ModelShape, PositionMethod, PositionTerm, check_range, help_field, shared
 
 
 @dataclass
@@ -40,14 +40,14 @@ class Shaw(PositionMethod):
         n = 2 * options.max_distance + 1
         self.layers = nn.ModuleList(ShawTables(n, shape.head_dim) for _ in range(shape.num_layers))
 
-    def distance_index(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    def distance_index(self, q_pos: torch.Tensor, k_pos: torch.Tensor, memo: Memo | None = None) -> torch.Tensor:
         """(P, 1, Lq, Lk) index into the tables: clip(p_j - p_i, -R, R) + R. Shared by all layers."""
         r = self.options.max_distance
 
         def build():
             return ((k_pos[:, None, :] - q_pos[:, :, None]).clamp(-r, r) + r)[:, None]
 
-        return self.shared(("shaw_index", tuple(q_pos.shape), tuple(k_pos.shape), k_pos.device), build)
+        return shared(memo, ("shaw_index", tuple(q_pos.shape), tuple(k_pos.shape), k_pos.device), build)
 
     def content_reach(self) -> int:
         """R: pairs farther apart than R share the edge table entries (the ``"clipped"`` content form)."""
@@ -58,15 +58,15 @@ class Shaw(PositionMethod):
         tables = self.layers[layer_idx]
         return tables.keys, tables.values
 
-    def key_term(self, q, k, layer_idx, q_pos, k_pos):
+    def key_term(self, q, k, layer_idx, q_pos, k_pos, memo=None):
         # q (B,H,Lq,D) @ a^K (D, 2R+1) -> (B,H,Lq,2R+1), then pick each pair's distance -> (B,H,Lq,Lk)
         per_distance = q @ self.layers[layer_idx].keys.to(q.dtype).T
-        index = self.distance_index(q_pos, k_pos).expand(q.shape[0], q.shape[1], -1, -1)  # (B, H, Lq, Lk)
+        index = self.distance_index(q_pos, k_pos, memo).expand(q.shape[0], q.shape[1], -1, -1)  # (B, H, Lq, Lk)
         return per_distance.gather(-1, index)
 
-    def value_term(self, probs, layer_idx, q_pos, k_pos):
+    def value_term(self, probs, layer_idx, q_pos, k_pos, memo=None):
         # sum probabilities per clipped distance: (B,H,Lq,Lk) -> (B,H,Lq,2R+1), then @ a^V -> (B,H,Lq,D)
-        index = self.distance_index(q_pos, k_pos).expand_as(probs)
+        index = self.distance_index(q_pos, k_pos, memo).expand_as(probs)
         per_distance = probs.new_zeros(*probs.shape[:-1], 2 * self.options.max_distance + 1)
         per_distance = per_distance.scatter_add(-1, index, probs)
         return per_distance @ self.layers[layer_idx].values.to(probs.dtype)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import MethodOptions, ModelShape, PositionMethod, PositionTerm, check_range, help_field
+from .base import Memo, MethodOptions, ModelShape, PositionMethod, PositionTerm, check_range, help_field, shared
 
 
 @dataclass
@@ -58,7 +58,7 @@ class TransformerXL(PositionMethod):
             for p in self.parameters():
                 nn.init.normal_(p, std=options.init_std) if options.init_std else nn.init.zeros_(p)
 
-    def distances(self, q_pos: torch.Tensor, k_pos: torch.Tensor):
+    def distances(self, q_pos: torch.Tensor, k_pos: torch.Tensor, memo: Memo | None = None):
         """(index (P, 1, Lq, Lk) into the distinct distances, R (n_d, hidden) fp32). Shared by all layers."""
 
         def build():
@@ -67,11 +67,11 @@ class TransformerXL(PositionMethod):
             values = torch.arange(low, high + 1, device=k_pos.device)
             return (relative - low)[:, None], distance_sinusoid(values, self.shape.hidden_size, self.options.base)
 
-        return self.shared(("transformer_xl", tuple(q_pos.shape), tuple(k_pos.shape), k_pos.device), build)
+        return shared(memo, ("transformer_xl", tuple(q_pos.shape), tuple(k_pos.shape), k_pos.device), build)
 
-    def key_term(self, q, k, layer_idx, q_pos, k_pos):
+    def key_term(self, q, k, layer_idx, q_pos, k_pos, memo=None):
         # q (B,H,Lq,D), k (B,H,Lk,D) -> (B,H,Lq,Lk): u k_j + (q_i + v) W_R R_{i-j}
-        index, sinusoid = self.distances(q_pos, k_pos)
+        index, sinusoid = self.distances(q_pos, k_pos, memo)
         heads, dim = self.shape.num_heads, self.shape.head_dim
         weight = self.projections[layer_idx].weight
         per_distance = (sinusoid.to(weight.dtype) @ weight.T).view(-1, heads, dim).permute(1, 2, 0)  # (H, D, n_d)
@@ -80,5 +80,5 @@ class TransformerXL(PositionMethod):
         content = (k * self.u[None, :, None].to(k.dtype)).sum(-1)[:, :, None]  # (B, H, 1, Lk)
         return position + content
 
-    def value_term(self, probs, layer_idx, q_pos, k_pos):
+    def value_term(self, probs, layer_idx, q_pos, k_pos, memo=None):
         return 0.0  # Transformer-XL changes the scores only

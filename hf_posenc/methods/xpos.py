@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import MethodOptions, ModelShape, PositionMethod, PositionTerm, check_range, help_field
+from .base import Memo, MethodOptions, ModelShape, PositionMethod, PositionTerm, check_range, help_field, shared
 from .rope import rotate_half
 
 
@@ -54,7 +54,7 @@ class Xpos(PositionMethod):
         return (torch.arange(half, dtype=torch.float32, device=device) * 2 / self.shape.head_dim
                 + self.options.gamma) / (1 + self.options.gamma)
 
-    def factors(self, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype):
+    def factors(self, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype, memo: Memo | None = None):
         """((q_cos, q_sin), (k_cos, k_sin)), each (P, 1, L, D): the rotation with the xPos scale folded in (q times
         zeta^((n-c)/B), k divided by it). Shared by all layers within a forward."""
 
@@ -75,8 +75,8 @@ class Xpos(PositionMethod):
 
             return one(q_pos, 1.0), one(k_pos, -1.0)
 
-        return self.shared(("xpos", tuple(q_pos.shape), tuple(k_pos.shape), k_pos.device, dtype), build)
+        return shared(memo, ("xpos", tuple(q_pos.shape), tuple(k_pos.shape), k_pos.device, dtype), build)
 
-    def rotate(self, q, k, q_pos, k_pos):
-        (q_cos, q_sin), (k_cos, k_sin) = self.factors(q_pos, k_pos, q.dtype)
+    def rotate(self, q, k, q_pos, k_pos, memo=None):
+        (q_cos, q_sin), (k_cos, k_sin) = self.factors(q_pos, k_pos, q.dtype, memo)
         return q * q_cos + rotate_half(q) * q_sin, k * k_cos + rotate_half(k) * k_sin

@@ -196,8 +196,8 @@ def _check_head(model: nn.Module) -> None:
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Non-reentrant activation checkpointing. Position terms shared across layers within one forward must then
     be built per layer (a term memoised across layers is rebuilt in only some recomputed layers, which
-    torch.utils.checkpoint rejects when it depends on trainable parameters: T5's table); every method's
-    ``begin_forward`` switches sharing off itself while checkpointing is on."""
+    torch.utils.checkpoint rejects when it depends on trainable parameters: T5's table); each forward's state
+    (hf_posenc.forward_state) switches sharing off itself while checkpointing is on."""
     model.activation_checkpointing_enable({"use_reentrant": False})
 
 

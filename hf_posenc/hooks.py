@@ -1,0 +1,85 @@
+"""The converted model's per-forward hooks: where one forward's state begins and ends.
+
+The base model (or the family's ``forward_root``: OPT's decoder) gets a forward pre-hook that builds the
+:class:`~hf_posenc.forward_state.ForwardState` of the call and adds it to the keyword arguments, which the family
+threads down to every attention call; and a forward hook that stores the positions of every key the returned cache
+holds on that cache. Nothing is stored on the method or the model between the two: the state lives in the call's
+keyword arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import key_cache, positions, restore
+from .forward_state import STATE_KWARG, ForwardState
+
+METHOD_MODULE = "posenc"  # the method (and its learned tables) is registered as base_model.posenc
+ATTN_IMPLEMENTATION = "hf_posenc"
+KERNEL_FOR_IMPLEMENTATION = {"eager": "eager", "sdpa": "sdpa"}  # transformers' names -> our backends
+
+
+class ForwardHooks:
+    """The pre- and post-forward hooks of one converted model. ``base``: the base model (held unregistered: the
+    hooks sit on it or below it); ``offset``: subtracted from the ``position_ids`` attention receives (RoBERTa's
+    padding_idx + 1); ``derive``: the family's own rule for position ids the model derives from its inputs
+    (OPT: the attention mask, RoBERTa: the padding tokens), made explicit before the forward so that the cache's
+    write hook and every layer see them; None where the model's rule is key indices."""
+
+    def __init__(self, base: nn.Module, offset: int, derive: Callable | None):
+        self.__dict__["base"] = base
+        self.offset, self.derive = offset, derive
+
+    def install(self, root: nn.Module) -> None:
+        root.register_forward_pre_hook(self.begin, with_kwargs=True)
+        root.register_forward_hook(self.end, with_kwargs=True)
+
+    def begin(self, root, args, kwargs):
+        base = self.base
+        if restore.in_force(base):  # original_positions: transformers' own attention, nothing to pass
+            return None
+        if base.config._attn_implementation != ATTN_IMPLEMENTATION:
+            _keep_the_method(base)
+        cache = positions.cache_argument(kwargs)
+        given = kwargs.get("position_ids")
+        if given is None and self.derive is not None:
+            given = self.derive(base, args, kwargs, positions.past_length(cache))
+            if given is not None:
+                kwargs = {**kwargs, "position_ids": given}
+        checkpointing = base.training and torch.is_grad_enabled() and any(
+            getattr(m, "gradient_checkpointing", False) for m in base.modules()
+        )
+        state = ForwardState(getattr(base, METHOD_MODULE), positions.cached_positions(cache), self.offset,
+                             share=not checkpointing)
+        state.query_positions(given)
+        key_cache.begin_forward(state, cache)
+        return args, {**kwargs, STATE_KWARG: state}
+
+    def end(self, root, args, kwargs, output) -> None:
+        """The returned cache keeps its keys' positions."""
+        state = kwargs.get(STATE_KWARG)
+        if state is None:
+            return
+        written, cache = state.written_positions(), positions.cache_output(output)
+        positions.remember_positions(cache, written)
+        key_cache.end_forward(state, positions.cache_argument(kwargs), cache, written)
+
+
+def _keep_the_method(base) -> None:
+    """``model.set_attn_implementation("eager" | "sdpa")`` (what transformers' own errors advise) would run
+    transformers' kernels without the position method: keep the method and switch to our backend of that name
+    instead. Other implementations cannot run it: refused, naming the fix."""
+    from .backends import set_backend
+
+    asked = base.config._attn_implementation
+    if asked not in KERNEL_FOR_IMPLEMENTATION:
+        raise ValueError(
+            f"attn_implementation={asked!r} would drop this model's position method "
+            f"({base.config.posenc['method']!r}): a converted model runs attn_implementation={ATTN_IMPLEMENTATION!r}. "
+            f"Choose its kernel with hf_posenc.set_backend(model, one of 'auto', 'sdpa', 'flex', 'eager')."
+        )
+    set_backend(base, KERNEL_FOR_IMPLEMENTATION[asked])
+    base.set_attn_implementation(ATTN_IMPLEMENTATION)
