@@ -47,6 +47,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "performance.md"
@@ -54,16 +55,22 @@ BEGIN, END = "<!-- bench:cpu:begin -->", "<!-- bench:cpu:end -->"
 GPU_BEGIN, GPU_END = "<!-- bench:gpu:begin -->", "<!-- bench:gpu:end -->"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
-# set by main(): the device / dtype models and inputs live on, and the synchronisation around every timed call
-DEVICE = "cpu"
-DTYPE = "fp32"
 
-
-def sync() -> None:
-    if DEVICE == "cuda":
+def sync(device: str = "cpu") -> None:
+    """Wait for the device's queued work (a no-op on the CPU): brackets every timed call."""
+    if device == "cuda":
         import torch
 
         torch.cuda.synchronize()
+
+
+def release(device: str = "cpu") -> None:
+    """Collect garbage and, on a GPU, return the freed blocks of the caching allocator."""
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def failure(exc: BaseException) -> str:
@@ -75,14 +82,10 @@ def failure(exc: BaseException) -> str:
     return "error: " + message.replace("|", "/").replace("`", "'")
 
 
-def recover(exc: BaseException) -> str:
+def recover(exc: BaseException, device: str = "cpu") -> str:
     """Print the traceback, free the GPU cache, return the cell text."""
     traceback.print_exc(file=sys.stderr)
-    gc.collect()
-    if DEVICE == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
+    release(device)
     return failure(exc)
 
 METHODS = ("alibi", "t5", "rope", "nope", "sinusoidal", "shaw")
@@ -99,8 +102,10 @@ def gpt2_config(size, n_positions, layers=None):
     )
 
 
-def build(size, method: str | None, backend: str = "auto", head: bool = False, layers=None):
-    """Unconverted (method None, n_positions = longest length) or converted GPT-2; same seed, eval mode."""
+def build(size, method: str | None, backend: str = "auto", head: bool = False, layers=None, *, device: str = "cpu",
+          dtype: str = "fp32"):
+    """Unconverted (method None, n_positions = longest length) or converted GPT-2; same seed, eval mode, on
+    ``device`` in ``dtype`` (a ``DTYPES`` key)."""
     import torch
     import transformers
 
@@ -108,27 +113,28 @@ def build(size, method: str | None, backend: str = "auto", head: bool = False, l
 
     torch.manual_seed(0)
     cls = transformers.GPT2LMHeadModel if head else transformers.GPT2Model
-    with torch.device(DEVICE):  # random init directly on the device (fast on a GPU)
+    with torch.device(device):  # random init directly on the device (fast on a GPU)
         if method is None:
             model = cls(gpt2_config(size, max(size["max_len"], size["trained"]), layers)).eval()
         else:
             model = cls(gpt2_config(size, size["trained"], layers)).eval()
             model = hf_posenc.convert(model, method, backend=backend, **METHOD_OPTIONS.get(method, {}))
-    return model.to(device=DEVICE, dtype=getattr(torch, DTYPES[DTYPE]))
+    return model.to(device=device, dtype=getattr(torch, DTYPES[dtype]))
 
 
-def tokens(size, length: int, seed: int = 0):
+def tokens(size, length: int, seed: int = 0, *, device: str = "cpu"):
+    """(1, length) random token ids on ``device``, the same for the same seed."""
     import torch
 
     ids = torch.randint(0, size["vocab"], (1, length), generator=torch.Generator().manual_seed(seed))
-    return ids.to(DEVICE)
+    return ids.to(device)
 
 
 # ---- timing ----------------------------------------------------------------------------------------------
 BUDGET_SKIP = "skipped (time budget)"
 
 
-def paired(candidates: dict, baseline, repeats: int, warmup: int = 1, stop=None) -> dict:
+def paired(candidates: dict, baseline, repeats: int, warmup: int = 1, stop=None, device: str = "cpu") -> dict:
     """{name: (median ms, median ratio to baseline, median baseline ms)} with baseline and candidate interleaved in
     each repeat; a candidate that raises (or whose baseline does) gets ``"error: ..."`` instead, and once ``stop()``
     is true the candidates left get ``BUDGET_SKIP``."""
@@ -146,17 +152,17 @@ def paired(candidates: dict, baseline, repeats: int, warmup: int = 1, stop=None)
                 order = (baseline, run) if r % 2 == 0 else (run, baseline)
                 times = {}
                 for fn in order:
-                    sync()
+                    sync(device)
                     t0 = time.perf_counter()
                     fn()
-                    sync()
+                    sync(device)
                     times[fn] = (time.perf_counter() - t0) * 1000
                 base_ms.append(times[baseline])
                 ms.append(times[run])
                 ratios.append(times[run] / times[baseline])
             results[name] = (statistics.median(ms), statistics.median(ratios), statistics.median(base_ms))
         except Exception as exc:  # one failing case must not end the run (GPU time is scarce)
-            results[name] = recover(exc)
+            results[name] = recover(exc, device)
     return results
 
 
@@ -184,33 +190,40 @@ def backward_fn(model, x):
     return run
 
 
-def decode_fn(model, size, context: int, steps: int):
-    """ms per token: a fresh prefill of ``context`` tokens (untimed), then ``steps`` single-token steps."""
-    import torch
+def cache_of(out):
+    """The KV cache of a model output: ``cache`` (transformers >= 5.2x) or ``past_key_values`` (older)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
-    x = tokens(size, context + steps, seed=1)
-    # transformers >= 5.2x names the cache ``cache`` (``past_key_values`` deprecated); older 5.x: ``past_key_values``
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-    def cache_of(out):
-        cache = getattr(out, "cache", None)
-        return cache if cache is not None else out.past_key_values
+class DecodeRun:
+    """A timed call: a fresh prefill of ``context`` tokens (untimed), then ``steps`` single-token steps; each call
+    leaves their ms per token in ``per_token``."""
 
-    def run():
+    def __init__(self, model, size, context: int, steps: int, device: str = "cpu"):
+        self.model, self.context, self.steps, self.device = model, context, steps, device
+        self.x = tokens(size, context + steps, seed=1, device=device)
+        # the cache argument: ``cache`` on transformers >= 5.2x (``past_key_values`` deprecated), else the old name
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.per_token = None
+
+    def __call__(self) -> None:
+        import torch
+
+        x, context = self.x, self.context
         with torch.no_grad():
-            out = model(x[:, :context], use_cache=True)
-            cache = cache_of(out)
-            sync()
+            cache = cache_of(self.model(x[:, :context], use_cache=True))
+            sync(self.device)
             t0 = time.perf_counter()
-            for t in range(context, context + steps):
-                cache = cache_of(model(x[:, t : t + 1], use_cache=True, **{name: cache}))
-            sync()
-            run.per_token = (time.perf_counter() - t0) * 1000 / steps
-
-    return run
+            for t in range(context, context + self.steps):
+                cache = cache_of(self.model(x[:, t : t + 1], use_cache=True, **{self.cache_arg: cache}))
+            sync(self.device)
+            self.per_token = (time.perf_counter() - t0) * 1000 / self.steps
 
 
-def paired_decode(candidates: dict, baseline, repeats: int, stop=None) -> dict:
+def paired_decode(candidates: dict, baseline, repeats: int, stop=None, device: str = "cpu") -> dict:
+    """``paired`` for ``DecodeRun``s: the ratio of their ``per_token`` (the prefill is not timed)."""
     results = {}
     for name, run in candidates.items():
         if stop is not None and stop():
@@ -228,7 +241,7 @@ def paired_decode(candidates: dict, baseline, repeats: int, stop=None) -> dict:
                 ratios.append(run.per_token / baseline.per_token)
             results[name] = (statistics.median(ms), statistics.median(ratios), statistics.median(base))
         except Exception as exc:
-            results[name] = recover(exc)
+            results[name] = recover(exc, device)
     return results
 
 
@@ -241,11 +254,12 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(field)
 
 
-def memory_case(size, method: str | None, backend: str, length: int) -> dict:
+def memory_case(size, method: str | None, backend: str, length: int, device: str = "cpu", dtype: str = "fp32") -> dict:
+    """This process's peak RSS and the forward's working set (MB) for one forward of ``length`` tokens."""
     import torch
 
-    model = build(size, method, backend)
-    x = tokens(size, length)
+    model = build(size, method, backend, device=device, dtype=dtype)
+    x = tokens(size, length, device=device)
     with torch.no_grad():
         model(x)  # warm-up (FlexAttention compiles here)
         before = _rss_kb("VmRSS")
@@ -269,28 +283,29 @@ def run_memory_case(args, method, backend, length) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def cuda_memory_case(size, method: str | None, backend: str, lengths: list) -> dict:
+def cuda_memory_case(size, method: str | None, backend: str, lengths: list, device: str = "cuda",
+                     dtype: str = "bf16") -> dict:
     """GPU, in-process, this model alone on the device: {length: {"peak_mb", "forward_mb"} or "error: ..."}."""
     import torch
 
     mb = 1024 * 1024
     results = {}
-    model = build(size, method, backend)
+    model = build(size, method, backend, device=device, dtype=dtype)
     try:
         for length in lengths:
             try:
-                x = tokens(size, length)
+                x = tokens(size, length, device=device)
                 with torch.no_grad():
                     model(x)  # warm-up (FlexAttention compiles here)
-                    sync()
+                    sync(device)
                     before = torch.cuda.memory_allocated()
                     torch.cuda.reset_peak_memory_stats()
                     model(x)
-                    sync()
+                    sync(device)
                     peak = torch.cuda.max_memory_allocated()
                 results[length] = {"peak_mb": peak / mb, "forward_mb": (peak - before) / mb}
             except Exception as exc:
-                results[length] = recover(exc)
+                results[length] = recover(exc, device)
     finally:
         del model
         gc.collect()
@@ -299,14 +314,15 @@ def cuda_memory_case(size, method: str | None, backend: str, lengths: list) -> d
 
 
 # ---- fine-tune -------------------------------------------------------------------------------------------
-def finetune_fn(size, method: str | None, length: int, layers: int):
+def finetune_fn(size, method: str | None, length: int, layers: int, device: str = "cpu", dtype: str = "fp32"):
+    """One LoRA + AdamW training step of a ``layers``-layer GPT2LMHeadModel on ``length`` tokens, as a callable."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    model = build(size, method, head=True, layers=layers).train()
+    model = build(size, method, head=True, layers=layers, device=device, dtype=dtype).train()
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    x = tokens(size, length, seed=2)
+    x = tokens(size, length, seed=2, device=device)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -317,11 +333,11 @@ def finetune_fn(size, method: str | None, length: int, layers: int):
 
 
 # ---- report ----------------------------------------------------------------------------------------------
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
     import torch
     import transformers
 
-    if DEVICE == "cuda":
+    if device == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return (
             f"{torch.cuda.get_device_name()} ({props.total_memory / 1024 ** 3:.0f} GiB), torch {torch.__version__}, "
@@ -403,215 +419,286 @@ def parse_args(argv=None, cuda_available=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    global DEVICE, DTYPE
 
-    started = time.time()
-    args = parse_args(argv)
-    DEVICE, DTYPE = args.device, args.dtype
-    gpu = DEVICE == "cuda"
+# ---- one run ---------------------------------------------------------------------------------------------
+class Plan(NamedTuple):  # not a dataclass: tests load this file as a module missing from sys.modules
+    """The sizes of one run (``--quick``, GPU or CPU defaults): ``size`` is ``build``'s model dict, its ``max_len``
+    covering every length measured and the decode prefill + steps; ``bw_lengths`` are the forward+backward ones."""
 
-    import torch
+    size: dict
+    lengths: list
+    repeats: int
+    bw_lengths: list
+    decode_context: int
+    decode_steps: int
+    ft_len: int
+    ft_layers: int
+    ft_steps: int
 
-    import hf_posenc  # noqa: F401
+    @property
+    def longest(self) -> int:
+        return max(self.lengths)
 
-    torch.set_num_threads(args.threads)  # CPU ops only (on cuda: host-side work)
+
+def plan_for(args) -> Plan:
+    """``--quick``: tiny sizes; cuda: 12-layer lengths 1k-16k; cpu: lengths 1k-4k. ``--lengths``/``--repeats`` win."""
     if args.quick:
         size = dict(heads=4, head_dim=16, vocab=256, trained=64, max_len=256, layers=args.layers)
         lengths = args.lengths or [96, 160]
-        repeats = args.repeats or 2
-        decode_context, decode_steps, ft_len, ft_layers, ft_steps = 96, 3, 96, 1, 2
-        bw_lengths = lengths
-    elif gpu:
+        plan = Plan(size, lengths, args.repeats or 2, lengths, 96, 3, 96, 1, 2)
+    elif args.device == "cuda":
         size = dict(heads=12, head_dim=64, vocab=50257, trained=1024, max_len=16384, layers=args.layers)
         lengths = args.lengths or [1024, 2048, 4096, 8192, 16384]
-        repeats = args.repeats or 3
-        decode_context, decode_steps, ft_len, ft_layers, ft_steps = 4096, 16, 2048, 12, 5
         bw_lengths = [n for n in lengths if n <= 4096] or lengths[:1]
+        plan = Plan(size, lengths, args.repeats or 3, bw_lengths, 4096, 16, 2048, 12, 5)
     else:
         size = dict(heads=12, head_dim=64, vocab=50257, trained=1024, max_len=4096, layers=args.layers)
         lengths = args.lengths or [1024, 2048, 4096]
-        repeats = args.repeats or 5
-        decode_context, decode_steps, ft_len, ft_layers, ft_steps = 2048, 64, 1024, 12, 5
-        bw_lengths = lengths[:2]
-    size["max_len"] = max([size["max_len"], *lengths, decode_context + decode_steps])
+        plan = Plan(size, lengths, args.repeats or 5, lengths[:2], 2048, 64, 1024, 12, 5)
+    size["max_len"] = max([size["max_len"], *lengths, plan.decode_context + plan.decode_steps])
+    return plan
 
-    if args.memory_case:
-        method, backend, length = args.memory_case.split(":")
-        print(json.dumps(memory_case(size, None if method == "none" else method, backend, int(length))))
-        return 0
 
-    command = "python benchmarks/bench_posenc.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    sections = []
-    skipped = []
-    say = lambda text: print(text, flush=True)  # noqa: E731
-    out = args.out if args.out is not None else (None if args.quick else DOC)
-    markers = (GPU_BEGIN, GPU_END) if gpu else (BEGIN, END)
+def say(text: str) -> None:
+    print(text, flush=True)
 
-    def over_budget() -> bool:
-        return args.time_budget is not None and time.time() - started > args.time_budget
 
-    def eager_ok(method: str | None, backend: str, length: int) -> bool:
+def method_cells(key: str) -> list[str]:
+    """Leading cells of a row keyed ``"method"``."""
+    return [key]
+
+
+def method_backend_cells(key: str) -> list[str]:
+    """Leading cells of a row keyed ``"method:backend"``."""
+    return key.split(":")
+
+
+def timed_table(title: str, names: list[str], lengths: list, base_ms: list, cells: dict, label_rows) -> str:
+    """``title`` and a table with one column per length: the baseline's row, then one row per ``cells`` key (its
+    ``label_rows(key)`` cells, then its cells). Lengths not measured yet (len(base_ms) done) read ``BUDGET_SKIP``."""
+    missing = [BUDGET_SKIP] * (len(lengths) - len(base_ms))
+    rows = [["unconverted"] + ["-"] * (len(names) - 1) + base_ms + missing]
+    rows += [label_rows(k) + cells[k] + missing for k in cells]
+    return title + "\n\n" + table(names + [str(n) for n in lengths], rows)
+
+
+class Run:
+    """One benchmark run: the arguments, device / dtype, the time budget's clock, the models under test, and the
+    report so far (``sections``: finished tables in order; ``skipped``: what the time budget cut), written to
+    ``out`` between the device's markers after every section."""
+
+    def __init__(self, args, plan: Plan, command: str, started: float):
+        self.args, self.plan, self.command, self.started = args, plan, command, started
+        self.device, self.dtype = args.device, args.dtype
+        self.gpu = self.device == "cuda"
+        self.out = args.out if args.out is not None else (None if args.quick else DOC)
+        self.markers = (GPU_BEGIN, GPU_END) if self.gpu else (BEGIN, END)
+        self.eager_skip = f"skipped (eager > {args.eager_max})"
+        self.sections: list[str] = []
+        self.skipped: list[str] = []
+        self.baseline = None  # the unconverted model; None once the memory section released it
+        self.models: dict | None = None  # {method: model or "error: ..."}
+
+    # -- budget, models ------------------------------------------------------------------------------------
+    def over_budget(self) -> bool:
+        return self.args.time_budget is not None and time.time() - self.started > self.args.time_budget
+
+    def eager_ok(self, method: str | None, backend: str, length: int) -> bool:
+        """False for eager attention (Shaw, backend eager) beyond ``--eager-max`` tokens (0: no limit)."""
         eager = backend == "eager" or method == "shaw"
-        return not (eager and args.eager_max and length > args.eager_max)
+        return not (eager and self.args.eager_max and length > self.args.eager_max)
 
-    eager_skip = f"skipped (eager > {args.eager_max})"
-    budget_skip = BUDGET_SKIP
+    def fewer_repeats(self) -> int:
+        """Repeats of the backward and by-backend tables: 2 fewer (at least 2) on the CPU."""
+        return max(2, self.plan.repeats - 2) if not self.gpu else self.plan.repeats
 
-    def report(final: bool = False, partial: str | None = None) -> None:
-        """Write what is measured so far (after every section, so an interrupted run keeps its tables)."""
-        status = "" if final else " (interrupted: sections so far)"
-        header = (
-            f"Command: `{command.strip()}`  \n"
-            f"Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}, "
-            f"{time.time() - started:.0f} s{status}  \n"
-            f"Machine: {machine()}  \n"
-            f"Model: GPT-2, {size['heads']} heads x {size['head_dim']}, {args.layers} layers (fine-tune: "
-            f"{ft_layers}), vocab {size['vocab']}, B=1, {args.dtype}, device {DEVICE}. Cells: median ratio converted / "
-            "unconverted (median converted time)."
-        )
-        if skipped:
-            header += f"  \nSkipped (time budget {args.time_budget:g} s): {', '.join(skipped)}."
-        if final:
-            say(header)
-        if out is not None:
-            body = sections + ([partial] if partial else [])
-            write(out, header + "\n\n" + "\n\n".join(body), *markers)
-            if final:
-                say(f"\nwrote {out}")
+    def build(self, method: str | None, backend: str = "auto"):
+        return build(self.plan.size, method, backend=backend, device=self.device, dtype=self.dtype)
 
-    def publish(text: str, done: bool) -> None:
-        """A section's table: written as it grows (per length), kept in ``sections`` once complete."""
-        if done:
-            sections.append(text)
-            report()
-            say(text + "\n")
-        else:
-            report(partial=text + "\n\n(section in progress)")
-
-    say(f"# {command.strip()}\n")
-
-    def build_all(methods, backend="auto") -> dict:
+    def build_each(self, methods) -> dict:
+        """{method: model, or the "error: ..." cell of a build that raised}."""
         built = {}
         for m in methods:
             try:
-                built[m] = build(size, m, backend)
+                built[m] = self.build(m)
             except Exception as exc:
-                built[m] = recover(exc)
+                built[m] = recover(exc, self.device)
         return built
 
-    try:
-        baseline = build(size, None)
-    except Exception as exc:  # nothing to compare against: say why in the output and stop
-        sections.append(f"### Unconverted baseline\n\n{recover(exc)}")
-        report(final=True)
-        return 1
-    models = build_all(args.methods)
-    long = max(lengths)
+    # -- report --------------------------------------------------------------------------------------------
+    def header(self, final: bool) -> str:
+        status = "" if final else " (interrupted: sections so far)"
+        size, args = self.plan.size, self.args
+        header = (
+            f"Command: `{self.command.strip()}`  \n"
+            f"Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}, "
+            f"{time.time() - self.started:.0f} s{status}  \n"
+            f"Machine: {machine(self.device)}  \n"
+            f"Model: GPT-2, {size['heads']} heads x {size['head_dim']}, {args.layers} layers (fine-tune: "
+            f"{self.plan.ft_layers}), vocab {size['vocab']}, B=1, {args.dtype}, device {self.device}. Cells: median "
+            "ratio converted / unconverted (median converted time)."
+        )
+        if self.skipped:
+            header += f"  \nSkipped (time budget {args.time_budget:g} s): {', '.join(self.skipped)}."
+        return header
 
-    def timed_rows(title, names, variants, fn, lengths_, reps, label_rows):
+    def report(self, final: bool = False, partial: str | None = None) -> None:
+        """Write what is measured so far (after every section, so an interrupted run keeps its tables)."""
+        header = self.header(final)
+        if final:
+            say(header)
+        if self.out is not None:
+            body = self.sections + ([partial] if partial else [])
+            write(self.out, header + "\n\n" + "\n\n".join(body), *self.markers)
+            if final:
+                say(f"\nwrote {self.out}")
+
+    def publish(self, text: str, done: bool) -> None:
+        """A section's table: written as it grows (per length), kept in ``sections`` once complete."""
+        if done:
+            self.sections.append(text)
+            self.report()
+            say(text + "\n")
+        else:
+            self.report(partial=text + "\n\n(section in progress)")
+
+    # -- the run -------------------------------------------------------------------------------------------
+    def execute(self) -> int:
+        """Baseline and models, then every section not skipped in the device's order; 1 if the baseline fails."""
+        say(f"# {self.command.strip()}\n")
+        try:
+            self.baseline = self.build(None)
+        except Exception as exc:  # nothing to compare against: say why in the output and stop
+            self.sections.append(f"### Unconverted baseline\n\n{recover(exc, self.device)}")
+            self.report(final=True)
+            return 1
+        self.models = self.build_each(self.args.methods)
+        for name in GPU_ORDER if self.gpu else SECTIONS:
+            if name not in self.args.skip:
+                self.run_section(name)
+        self.report(final=True)
+        return 0
+
+    def run_section(self, name: str) -> None:
+        """One section, unless the budget is spent; a section that raises becomes an error cell under its name."""
+        if self.over_budget():
+            self.skipped.append(name)
+            say(f"skipped {name}: time budget of {self.args.time_budget:g} s used")
+            return
+        sections = {"forward": self.forward_section, "backward": self.backward_section,
+                    "backends": self.backends_section, "decode": self.decode_section,
+                    "memory": self.memory_section, "finetune": self.finetune_section}
+        t0 = time.time()
+        try:
+            text = sections[name]()
+        except Exception as exc:  # a whole section failing (e.g. building its models): say so, go on
+            text = f"### {name}\n\n{recover(exc, self.device)}"
+        if text is not None:
+            self.publish(text, done=True)
+        say(f"({name}: {time.time() - t0:.1f} s)\n")
+
+    # -- timed sections ------------------------------------------------------------------------------------
+    def timed_rows(self, title: str, names: list[str], variants: dict, fn, lengths: list, repeats: int,
+                   label_rows) -> str:
         """Run ``fn(model, x)`` for every variant against the baseline per length; publish the table per length.
         ``variants``: {"method" or "method:backend": model or error string}; ``label_rows(key)`` -> the row's
         leading cells."""
         cells = {k: [] for k in variants}
         base_ms = []
-        header = names + [str(n) for n in lengths_]
-
-        def text():
-            done = len(base_ms)
-            pad = lambda row: row + [budget_skip] * (len(lengths_) - done)  # noqa: E731
-            rows = [pad(["unconverted"] + ["-"] * (len(names) - 1) + base_ms)]
-            rows += [pad(label_rows(k) + cells[k]) for k in variants]
-            return title + "\n\n" + table(header, rows)
-
-        for length in lengths_:
-            if over_budget():
+        for length in lengths:
+            if self.over_budget():
                 break
-            x = tokens(size, length)
+            x = tokens(self.plan.size, length, device=self.device)
             runnable = {k: fn(v, x) for k, v in variants.items()
-                        if not isinstance(v, str) and eager_ok(*(k.split(":") + ["auto"])[:2], length)}
-            res = paired(runnable, fn(baseline, x), reps, stop=over_budget)
+                        if not isinstance(v, str) and self.eager_ok(*(k.split(":") + ["auto"])[:2], length)}
+            res = paired(runnable, fn(self.baseline, x), repeats, stop=self.over_budget, device=self.device)
             for k, v in variants.items():
                 if isinstance(v, str):
                     cells[k].append(v)
                 elif k not in runnable:
-                    cells[k].append(eager_skip)
+                    cells[k].append(self.eager_skip)
                 else:
                     cells[k].append(ratio(res[k]))
             base_ms.append(base_median(res))
             del x
-            if length != lengths_[-1]:
-                publish(text(), done=False)
-        if len(base_ms) < len(lengths_):
-            skipped.append(f"{title.lstrip('# ').split(',')[0]} at {', '.join(map(str, lengths_[len(base_ms):]))}")
-        return text()
+            if length != lengths[-1]:
+                self.publish(timed_table(title, names, lengths, base_ms, cells, label_rows), done=False)
+        if len(base_ms) < len(lengths):
+            self.skipped.append(f"{title.lstrip('# ').split(',')[0]} at {', '.join(map(str, lengths[len(base_ms):]))}")
+        return timed_table(title, names, lengths, base_ms, cells, label_rows)
 
-    def forward_section():
+    def forward_section(self) -> str:
         title = "### Forward (no grad), backend auto"
-        return timed_rows(title, ["method"], models, forward_fn, lengths, repeats, lambda m: [m])
+        return self.timed_rows(title, ["method"], self.models, forward_fn, self.plan.lengths, self.plan.repeats,
+                               method_cells)
 
-    def backward_section():
+    def backward_section(self) -> str:
         title = "### Forward + backward (all weights trainable), backend auto"
-        return timed_rows(title, ["method"], models, backward_fn, bw_lengths, max(2, repeats - 2) if not gpu
-                          else repeats, lambda m: [m])
+        return self.timed_rows(title, ["method"], self.models, backward_fn, self.plan.bw_lengths,
+                               self.fewer_repeats(), method_cells)
 
-    def backends_section():
-        nonlocal baseline
-        if baseline is None:  # the GPU memory section released it
-            baseline = build(size, None)
-        names = ("sdpa", "eager") if args.quick else ("sdpa", "flex", "eager")  # auto: the forward table
+    def backends_section(self) -> str | None:
+        """ALiBi and T5 forward per explicit backend (auto: the forward table); None if neither is measured."""
+        if self.baseline is None:  # the GPU memory section released it
+            self.baseline = self.build(None)
+        backends = ("sdpa", "eager") if self.args.quick else ("sdpa", "flex", "eager")
         variants = {}
-        for m in [m for m in ("alibi", "t5") if m in args.methods]:
-            for b in names:
+        for m in [m for m in ("alibi", "t5") if m in self.args.methods]:
+            for b in backends:
                 try:
-                    variants[f"{m}:{b}"] = build(size, m, backend=b)
+                    variants[f"{m}:{b}"] = self.build(m, backend=b)
                 except Exception as exc:
-                    variants[f"{m}:{b}"] = recover(exc)
+                    variants[f"{m}:{b}"] = recover(exc, self.device)
         if not variants:
             return None
-        text = timed_rows("### Forward (no grad) by backend", ["method", "backend"], variants, forward_fn, lengths,
-                          max(2, repeats - 2) if not gpu else repeats, lambda k: k.split(":"))
+        text = self.timed_rows("### Forward (no grad) by backend", ["method", "backend"], variants, forward_fn,
+                               self.plan.lengths, self.fewer_repeats(), method_backend_cells)
         del variants
-        gc.collect()
-        if gpu:
-            torch.cuda.empty_cache()
+        release(self.device)
         return text
 
-    def decode_section():
-        runnable = {m: decode_fn(models[m], size, decode_context, decode_steps) for m in args.methods
-                    if not isinstance(models[m], str) and eager_ok(m, "auto", decode_context)}
-        res = paired_decode(runnable, decode_fn(baseline, size, decode_context, decode_steps), repeats,
-                           stop=over_budget)
+    def decode_run(self, model) -> DecodeRun:
+        plan = self.plan
+        return DecodeRun(model, plan.size, plan.decode_context, plan.decode_steps, device=self.device)
+
+    def decode_section(self) -> str:
+        context, steps, models = self.plan.decode_context, self.plan.decode_steps, self.models
+        runnable = {m: self.decode_run(models[m]) for m in self.args.methods
+                    if not isinstance(models[m], str) and self.eager_ok(m, "auto", context)}
+        res = paired_decode(runnable, self.decode_run(self.baseline), self.plan.repeats, stop=self.over_budget,
+                            device=self.device)
         times = [r[2] for r in res.values() if not isinstance(r, str)]
         base = f"{statistics.median(times):.2f} ms/token" if times else "-"
         rows = [["unconverted", base]]
-        for m in args.methods:
-            r = models[m] if isinstance(models[m], str) else res.get(m, eager_skip)
+        for m in self.args.methods:
+            r = models[m] if isinstance(models[m], str) else res.get(m, self.eager_skip)
             rows.append([m, r if isinstance(r, str) else f"{r[1]:.2f}x ({r[0]:.2f} ms/token)"])
-        return f"### Decode, {decode_steps} steps after a {decode_context}-token prefill, backend auto\n\n" + table(
+        return f"### Decode, {steps} steps after a {context}-token prefill, backend auto\n\n" + table(
             ["method", "ms/token ratio"], rows
         )
 
-    def memory_section():
-        nonlocal models, baseline
-        models = baseline = None  # GPU: one model on the device at a time; CPU: fresh processes anyway
-        gc.collect()
-        if gpu:
-            torch.cuda.empty_cache()
-        cases = [(None, "auto")] + [(m, "auto") for m in (args.methods[:1] if args.quick else args.methods)]
-        if not args.quick:
-            cases += [(m, b) for m in ("alibi", "t5") if m in args.methods for b in ("sdpa", "flex")]
-        if gpu:
-            return gpu_memory_table(cases)
-        results = {}
+    # -- memory, fine-tune ---------------------------------------------------------------------------------
+    def memory_section(self) -> str:
+        """Releases the models first (GPU: one model on the device at a time; CPU: fresh processes anyway)."""
+        self.models = self.baseline = None
+        release(self.device)
+        methods = self.args.methods
+        cases = [(None, "auto")] + [(m, "auto") for m in (methods[:1] if self.args.quick else methods)]
+        if not self.args.quick:
+            cases += [(m, b) for m in ("alibi", "t5") if m in methods for b in ("sdpa", "flex")]
+        return self.gpu_memory_table(cases) if self.gpu else self.cpu_memory_table(cases)
+
+    def cpu_memory_table(self, cases: list) -> str:
+        """Peak RSS per (method, backend) case at the longest length, one subprocess each; cases[0]: the baseline."""
+        long, results = self.plan.longest, {}
         for case in cases:
-            if over_budget():
-                results[case] = budget_skip
+            if self.over_budget():
+                results[case] = BUDGET_SKIP
                 continue
             try:
-                results[case] = run_memory_case(args, case[0], case[1], long)
+                results[case] = run_memory_case(self.args, case[0], case[1], long)
             except Exception as exc:
-                results[case] = recover(exc)
+                results[case] = recover(exc, self.device)
         base = results[(None, "auto")]
         if isinstance(base, str):
             rows = [["unconverted", "-", base, base]]
@@ -629,19 +716,21 @@ def main(argv=None) -> int:
             ["method", "backend", "peak RSS", "forward working set"], rows
         )
 
-    def gpu_memory_table(cases):
+    def gpu_memory_table(self, cases: list) -> str:
+        """max_memory_allocated per (method, backend) case at 4096 tokens (if measured) and the longest length."""
+        long = self.plan.longest
         mem_lengths = sorted({n for n in (4096, long) if n <= long} or {long})
-        results = {}
+        results, on = {}, dict(device=self.device, dtype=self.dtype)
         for m, b in cases:
-            if over_budget():
-                results[(m, b)] = {n: budget_skip for n in mem_lengths}
+            if self.over_budget():
+                results[(m, b)] = {n: BUDGET_SKIP for n in mem_lengths}
                 continue
-            runnable = [n for n in mem_lengths if eager_ok(m, b, n)]
+            runnable = [n for n in mem_lengths if self.eager_ok(m, b, n)]
             try:
-                r = cuda_memory_case(size, m, b, runnable) if runnable else {}
+                r = cuda_memory_case(self.plan.size, m, b, runnable, **on) if runnable else {}
             except Exception as exc:  # the build itself failed
-                r = {n: recover(exc) for n in runnable}
-            results[(m, b)] = {n: r.get(n, eager_skip) for n in mem_lengths}
+                r = {n: recover(exc, self.device) for n in runnable}
+            results[(m, b)] = {n: r.get(n, self.eager_skip) for n in mem_lengths}
         base = results[(None, "auto")]
         header = ["method", "backend"]
         for n in mem_lengths:
@@ -662,50 +751,49 @@ def main(argv=None) -> int:
         return ("### Peak GPU memory, forward (no grad), torch.cuda.max_memory_allocated (one model on the GPU; "
                 "working set = peak - allocated before the forward)\n\n" + table(header, rows))
 
-    def finetune_section():
+    def finetune_section(self) -> str:
+        """ALiBi vs unconverted LoRA steps, as tokens/s ratios."""
+        size, ft_len, ft_layers, ft_steps = self.plan.size, self.plan.ft_len, self.plan.ft_layers, self.plan.ft_steps
+        on = dict(device=self.device, dtype=self.dtype)
         try:
-            res = paired(
-                {"alibi": finetune_fn(size, "alibi", ft_len, ft_layers)}, finetune_fn(size, None, ft_len, ft_layers),
-                ft_steps,
-            )
+            res = paired({"alibi": finetune_fn(size, "alibi", ft_len, ft_layers, **on)},
+                         finetune_fn(size, None, ft_len, ft_layers, **on), ft_steps, device=self.device)
             cell = res["alibi"]
         except Exception as exc:
-            cell = recover(exc)
+            cell = recover(exc, self.device)
         if isinstance(cell, str):
             rows = [["unconverted", "-", "-"], ["alibi", cell, cell]]
         else:
             ms, r, base = cell
             rows = [["unconverted", f"{ft_len / base * 1000:.0f} tokens/s", "-"],
                     ["alibi", f"{1 / r:.2f}x", f"{base / ms:.2f}x ({ft_len / ms * 1000:.0f} tokens/s)"]]
-        gc.collect()
-        if gpu:
-            torch.cuda.empty_cache()
+        release(self.device)
         return (
             f"### Fine-tune, LoRA (r=8, c_attn) + AdamW, {ft_layers}-layer GPT2LMHeadModel, {ft_len} tokens/step, "
             f"backend auto, {ft_steps} steps each\n\n"
             + table(["model", "tokens/s ratio (median of paired steps)", "ratio of median step times"], rows)
         )
 
-    run_section = {"forward": forward_section, "backward": backward_section, "backends": backends_section,
-                   "decode": decode_section, "memory": memory_section, "finetune": finetune_section}
-    for name in GPU_ORDER if gpu else SECTIONS:
-        if name in args.skip:
-            continue
-        if over_budget():
-            skipped.append(name)
-            say(f"skipped {name}: time budget of {args.time_budget:g} s used")
-            continue
-        t0 = time.time()
-        try:
-            text = run_section[name]()
-        except Exception as exc:  # a whole section failing (e.g. building its models): say so, go on
-            text = f"### {name}\n\n{recover(exc)}"
-        if text is not None:
-            publish(text, done=True)
-        say(f"({name}: {time.time() - t0:.1f} s)\n")
 
-    report(final=True)
-    return 0
+def main(argv=None) -> int:
+    """Exit code 0; 1 if the unconverted baseline cannot be built (argparse errors: 2)."""
+    started = time.time()
+    args = parse_args(argv)
+
+    import torch
+
+    import hf_posenc  # noqa: F401
+
+    torch.set_num_threads(args.threads)  # CPU ops only (on cuda: host-side work)
+    plan = plan_for(args)
+    if args.memory_case:
+        method, backend, length = args.memory_case.split(":")
+        method = None if method == "none" else method
+        print(json.dumps(memory_case(plan.size, method, backend, int(length), device=args.device, dtype=args.dtype)))
+        return 0
+
+    command = "python benchmarks/bench_posenc.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    return Run(args, plan, command, started).execute()
 
 
 def write(path: Path, body: str, begin: str = BEGIN, end: str = END) -> None:
