@@ -1,0 +1,33 @@
+"""The plan of a run: everything it will do, fixed before any work starts (built by :func:`~.args.make_plan`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .recipes import Recipe
+
+
+@dataclass
+class Plan:
+    """Everything the run will do, fixed before any work starts."""
+
+    out: Path
+    recipe: Recipe
+    train: Any  # hf_posenc.training.TrainConfig
+    trained_length: int  # the original's context (its position limit / trained RoPE context)
+    lengths: list[int]
+    corpora: dict[str, Path]  # name -> held-out text file
+    eval_tokens: int
+    passkey_lengths: list[int]
+    depths: list[float]
+    num_samples: int
+    selection_length: int = 0  # tokens of the fine-tune text the selection scores each candidate on (0: none)
+    model_location: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    choice: dict = field(default_factory=dict)  # what :func:`select_model` chose (set after the fine-tune)
+
+    @property
+    def finetune_dir(self) -> Path:
+        return Path(self.train.output_dir)
