@@ -45,7 +45,7 @@ def posenc_attention_forward(
     q_len, k_len = query.shape[2], key.shape[2]
     state.query_positions(kwargs.get("position_ids"))
     q_pos, k_pos = state.positions(q_len, k_len, query.device)  # (P, Lq), (P, Lk)
-    if method.rotate_in_attention:
+    if method.rotate_in_attention and method.term.rotation_form is None:  # a two-pass kernel rotates itself
         if module.layer_idx in state.prerotated:  # the cache stored this layer's new keys rotated (key_cache)
             query = method.rotate_queries(query, q_pos, k_pos, state.memo)
         else:

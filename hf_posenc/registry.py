@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .arches import ARCHES, ArchSpec
 from .methods import (
-    Alibi, Fire, Learned, Nope, PositionMethod, Rope, Shaw, Sinusoidal, T5Bias, TransformerXL, Xpos,
+    Alibi, Fire, Learned, Nope, PositionMethod, ReRope, Rope, SelfExtend, Shaw, Sinusoidal, T5Bias, TransformerXL,
+    Xpos,
 )
 
 METHODS: dict[str, type[PositionMethod]] = {
@@ -18,6 +19,8 @@ METHODS: dict[str, type[PositionMethod]] = {
     "xpos": Xpos,
     "transformer_xl": TransformerXL,
     "fire": Fire,
+    "self_extend": SelfExtend,
+    "rerope": ReRope,
 }
 
 ARCH_BY_MODEL_TYPE: dict[str, ArchSpec] = {t: spec for spec in ARCHES for t in spec.model_types}

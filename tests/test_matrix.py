@@ -33,6 +33,9 @@ METHOD_CASES = {
     "xpos": {},
     "transformer_xl": {},
     "fire": {},
+    "self_extend": {"window": 12, "group": 3},
+    "rerope": {"window": 12},
+    "rerope-leaky": {"window": 12, "leaky": 3.0},
 }
 CAUSAL = [f for f in FAMILIES if not is_encoder(f)]
 ENCODERS = [f for f in FAMILIES if is_encoder(f)]

@@ -10,6 +10,10 @@ banded one); ``"shaw-banded"`` (a ``clipped`` content term: Shaw, inference; :mo
 depends on the query and key positions themselves (FIRE) runs ``sdpa`` or ``eager``. The ``auto`` rules below come
 from the CPU measurements in docs/performance.md (GPT-2 shape: 12 heads of 64, fp32, torch 2.13):
 
+0. a ``two_pass`` rotation (Self-Extend, ReRoPE) -> its own kernels, whatever the backend: ``two-pass-flash`` for
+   long causal CPU prefills under ``auto`` (plain positions, no padding, no dropout, no autograd, no weights
+   requested), ``two-pass-decode`` for one query on plain positions (a decode step: the last W keys near, the rest
+   far, each key rotated and scored once), else ``two-pass`` (:mod:`.two_pass`);
 1. attention weights requested -> ``eager`` (any backend);
    a. a clipped content term (Shaw), ``auto``, CPU, at least ``SHAW_BANDED_MIN_QUERIES`` queries, plain positions,
       no mask (causal or full: no padding, and not a maskless 1 < Lq < Lk call), no dropout, no autograd ->
@@ -41,7 +45,7 @@ import torch
 
 from ..attention_kwargs import CallSemantics, kernel_for
 from ..methods.base import PositionTerm
-from . import flex, sdpa, shaw_banded
+from . import flex, sdpa, shaw_banded, two_pass
 from .eager import eager_kernel
 from .plain import sdpa_kernel
 
@@ -132,13 +136,17 @@ def _flex(call: KernelCall):
 
 
 for _kernel in (
-    Kernel("eager", lambda term: True, eager_kernel),
-    Kernel("sdpa", lambda term: not term.content, sdpa_kernel),
+    Kernel("eager", lambda term: term.rotation_form is None, eager_kernel),
+    Kernel("sdpa", lambda term: not term.content and term.rotation_form is None, sdpa_kernel),
     Kernel("sdpa-blocked", lambda term: not term.content and term.bias == "distance", _blocked),
     Kernel("sdpa-windowed", lambda term: term.bias_form == "linear", _windowed),
     Kernel("sdpa-banded", lambda term: term.bias_form == "banded", _banded),
-    Kernel("flex", lambda term: not term.content and (term.bias is None or term.bias_form is not None), _flex),
+    Kernel("flex", lambda term: not term.content and term.rotation_form is None
+           and (term.bias is None or term.bias_form is not None), _flex),
     Kernel("shaw-banded", lambda term: term.content_form == "clipped", _shaw_banded),
+    Kernel("two-pass", lambda term: term.rotation_form == "two_pass", two_pass.two_pass_attention),
+    Kernel("two-pass-flash", lambda term: term.rotation_form == "two_pass", two_pass.flash_two_pass),
+    Kernel("two-pass-decode", lambda term: term.rotation_form == "two_pass", two_pass.decode_two_pass),
 ):
     register_kernel(_kernel)
 
@@ -169,9 +177,17 @@ def choose_kernel(backend: str, method, query, key, value, attention_mask, causa
     flex kernels assume it, so other positions (explicit ids with gaps, packing, per-row offsets, a static cache's
     capacity) take ``sdpa``. ``semantics``: the call's softcap / sliding window, which some kernels cannot apply
     (:func:`hf_posenc.attention_kwargs.kernel_for` names the one that does)."""
+    semantics = semantics or CallSemantics()
+    if method.term.rotation_form == "two_pass":  # rule 0: its own kernels, whatever the backend
+        fast = backend == "auto" and not weights_requested and two_pass.can_flash(
+            query, key, attention_mask, causal, dropout, needs_grad(method, query, key, value), plain_positions,
+            method.window, semantics.softcap)
+        if fast:
+            return "two-pass-flash"
+        return "two-pass-decode" if causal and query.shape[2] == 1 and plain_positions else "two-pass"
     kernel = _backend_kernel(backend, method, query, key, value, attention_mask, causal, dropout, weights_requested,
                              plain_positions)
-    return kernel_for(kernel, semantics or CallSemantics(), dropout)
+    return kernel_for(kernel, semantics, dropout)
 
 
 def _backend_kernel(backend: str, method, query, key, value, attention_mask, causal: bool, dropout: float,

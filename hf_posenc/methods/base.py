@@ -163,6 +163,10 @@ class PositionTerm:
     (:data:`hf_posenc.backends.dispatch.KERNELS`); nothing probes a method for attributes.
 
     - ``rotation``: ``rotate(q, k, q_pos, k_pos)`` changes q / k (RoPE, xPos).
+    - ``rotation_form``: ``"two_pass"``: a second rotation for far pairs, chosen per (i, j) by the distance
+      d = q_pos - k_pos (Self-Extend, ReRoPE): the method provides ``window`` W and ``rotate_far(q, k, q_pos,
+      k_pos, sign, memo)``; pairs with |d| < W are scored with ``rotate``, pairs with d >= W (``sign`` 1) or
+      d <= -W (-1) with ``rotate_far``, merged before one softmax by the ``"two-pass"`` kernel, which rotates.
     - ``embedding``: ``embed(position_ids)`` is added at the embedding layer (sinusoidal, learned).
     - ``bias``: ``score_bias(q_pos, k_pos) -> (P, H, Lq, Lk)`` is added to the scores; what it depends on:
       ``"distance"`` (only k_pos - q_pos: ALiBi, T5; kernels may slice one template) or ``"positions"`` (the
@@ -178,6 +182,7 @@ class PositionTerm:
     """
 
     rotation: bool = False
+    rotation_form: str | None = None
     embedding: bool = False
     bias: str | None = None
     bias_form: str | None = None
@@ -187,12 +192,16 @@ class PositionTerm:
     BIASES: ClassVar[tuple[str, ...]] = ("distance", "positions")
     FORMS: ClassVar[tuple[str, ...]] = ("linear", "banded")
     CONTENT_FORMS: ClassVar[tuple[str, ...]] = ("clipped",)
+    ROTATION_FORMS: ClassVar[tuple[str, ...]] = ("two_pass",)
 
     def __post_init__(self):
         if self.bias not in (None, *self.BIASES):
             raise ValueError(f"PositionTerm.bias must be one of {[None, *self.BIASES]}, got {self.bias!r}")
         if self.bias_form not in (None, *self.FORMS) or (self.bias_form and self.bias != "distance"):
             raise ValueError(f"PositionTerm.bias_form {self.bias_form!r} needs bias='distance' and one of {self.FORMS}")
+        if self.rotation_form not in (None, *self.ROTATION_FORMS) or (self.rotation_form and not self.rotation):
+            raise ValueError(f"PositionTerm.rotation_form {self.rotation_form!r} needs rotation=True and one of "
+                             f"{self.ROTATION_FORMS}")
         if self.content_form not in (None, *self.CONTENT_FORMS) or (self.content_form and not self.content):
             raise ValueError(f"PositionTerm.content_form {self.content_form!r} needs content=True and one of "
                              f"{self.CONTENT_FORMS}")
@@ -258,6 +267,7 @@ class PositionMethod(nn.Module):
     def has_relative_kv(self) -> bool:
         return self.term.content
     caches_rotated_keys: ClassVar[bool] = False  # the KV cache may store keys rotated (hf_posenc.key_cache)
+    backend: str = "auto"  # the attention backend (config.posenc["backend"]; hf_posenc.backends.set_backend)
 
     def __init__(self, options: MethodOptions, shape: ModelShape):
         super().__init__()
