@@ -45,7 +45,9 @@ def posenc_attention_forward(
     q_len, k_len = query.shape[2], key.shape[2]
     state.query_positions(kwargs.get("position_ids"))
     q_pos, k_pos = state.positions(q_len, k_len, query.device)  # (P, Lq), (P, Lk)
-    if method.rotate_in_attention and method.term.rotation_form is None:  # a two-pass kernel rotates itself
+    two_pass = method.term.rotation_form == "two_pass" and state.memo.get(
+        ("far_pairs", q_len, k_len, causal), lambda: method.has_far_pairs(q_pos, k_pos, causal))
+    if method.rotate_in_attention and not two_pass:  # a two-pass kernel rotates itself
         if module.layer_idx in state.prerotated:  # the cache stored this layer's new keys rotated (key_cache)
             query = method.rotate_queries(query, q_pos, k_pos, state.memo)
         else:
@@ -53,7 +55,7 @@ def posenc_attention_forward(
     attention_kwargs.check_window(semantics, attention_mask, q_len, k_len)
     kernel = dispatch.choose_kernel(
         method.backend, method, query, key, value, attention_mask, causal, dropout,
-        attention_weights_requested(), state.plain_positions(q_len, k_len, query.device), semantics,
+        attention_weights_requested(), state.plain_positions(q_len, k_len, query.device), semantics, two_pass,
     )
     call = dispatch.KernelCall(module, method, query, key, value, attention_mask, dropout, scaling, causal, q_pos,
                                k_pos, state, kwargs, semantics)

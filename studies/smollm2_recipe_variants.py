@@ -3,7 +3,7 @@ at 8k and 16k). Each variant is the default recipe (``hf_posenc.retrofit.RECIPES
 settings replaced; ``training-free`` is the recipe's conversion without a fine-tune. Every row: the last-1024-token
 and all-token perplexity of the first ``--windows`` windows of each held-out text at each length.
 
-    OMP_NUM_THREADS=1 python studies/smollm2_recipe_variants.py --out runs/retrofit-smollm2-135m-dynamic-yarn-pose-distill \
+    OMP_NUM_THREADS=1 python studies/smollm2_recipe_variants.py --out runs/retrofit-smollm2-135m-rotary \
         --rows training-free,default --lengths 8192,16384 --windows 2
 
 ``training-free-mscale-0.5``: the same conversion with YaRN's attention temperature at 0.5 (what the retrofit
@@ -36,11 +36,20 @@ TRAINING_FREE_VARIANTS: dict[str, dict] = {  # row -> method options on top of t
     "training-free-growth-1.5": {"mscale": 0.5, "growth": 1.5},
     "training-free-growth-2": {"mscale": 0.5, "growth": 2.0},
 }
+# row -> (method, options): another training-free conversion of the original (issue 26's self-extension rows); all
+# dynamic: the original inside the trained 8k, the far positions past it
+TRAINING_FREE_METHODS: dict[str, tuple[str, dict]] = {
+    "self-extend-w4096-g8": ("self_extend", {"window": 4096, "group": 8, "dynamic": True}),
+    "self-extend-w2048-g8": ("self_extend", {"window": 2048, "group": 8, "dynamic": True}),
+    "rerope-w4096": ("rerope", {"window": 4096, "dynamic": True}),
+    "rerope-leaky-w4096-k8": ("rerope", {"window": 4096, "leaky": 8.0, "dynamic": True}),
+}
 METHOD_ROWS: dict[str, list[str]] = {  # row -> hf-posenc retrofit flags: another method (--out: that run's folder)
     "alibi": ["--method", "alibi", "--lr", "3e-4"],  # as studies/smollm2_cpu_retrofit.py (docs §2a)
     "t5": ["--method", "t5", "--lr", "3e-4"],
 }
 PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]  # as the H200 study (docs/extrapolation.md §2b)
+TRAINED = 8192  # SmolLM2-135M's trained context: the original's reach in the context-gain column
 
 
 def parse_args(argv):
@@ -53,6 +62,9 @@ def parse_args(argv):
     parser.add_argument("--passkey-lengths", default="", help="comma-separated lengths to score passkey at (none: '')")
     parser.add_argument("--passkey-samples", type=int, default=2,
                         help=f"passkey prompts per depth ({len(PASSKEY_DEPTHS)} depths: {PASSKEY_DEPTHS})")
+    parser.add_argument("--gain", action="store_true",
+                        help="also the context gain past 8k of the self-extension rows (dynamic: the original within "
+                             "8k): last-1k perplexity with the whole window / with its last 8k tokens")
     parser.add_argument("--retrofit-args", default="", help="extra hf-posenc retrofit flags (model, data, steps)")
     args = parser.parse_args(argv)
     rows = [r for r in args.rows.split(",") if r]
@@ -70,7 +82,7 @@ def parse_args(argv):
 
 
 def known_rows() -> list[str]:
-    return [*TRAINING_FREE_VARIANTS, *VARIANTS, *METHOD_ROWS]
+    return [*TRAINING_FREE_VARIANTS, *TRAINING_FREE_METHODS, *VARIANTS, *METHOD_ROWS]
 
 
 def plan_for(row: str, out: str, retrofit_args: str):
@@ -94,7 +106,7 @@ def score_row(row: str, args) -> dict:
     import torch
 
     from hf_posenc import retrofit
-    from hf_posenc.integrations.long_context import passkey_accuracy, passkey_docs, window_scores
+    from hf_posenc.integrations.long_context import context_gain, passkey_accuracy, passkey_docs, window_scores
 
     plan, recipe = plan_for(row, args.out, args.retrofit_args)
     retrofit.fetch_model(plan)
@@ -103,6 +115,10 @@ def score_row(row: str, args) -> dict:
         options = {**recipe.options, **TRAINING_FREE_VARIANTS[row]}
         model, tokenizer, _ = retrofit.load_original(plan, (recipe.method, options))
         result = {"finetune": None, "options": options}
+    elif row in TRAINING_FREE_METHODS:
+        method, options = TRAINING_FREE_METHODS[row]
+        model, tokenizer, _ = retrofit.load_original(plan, (method, options))
+        result = {"finetune": None, "method": method, "options": options}
     else:
         model, tokenizer, _ = retrofit.load_retrofit(retrofit.finetune(plan))
         result = {"finetune": {**retrofit.finetune_summary(plan), "dir": str(plan.finetune_dir),
@@ -114,6 +130,10 @@ def score_row(row: str, args) -> dict:
             for n in args.lengths:
                 result[f"{corpus}@{n}"] = window_scores(model, ids, n, n * args.windows, retrofit.LAST_TOKENS)
                 print(row, corpus, n, result[f"{corpus}@{n}"], flush=True)
+                if args.gain and n > TRAINED and result.get("method"):  # dynamic rows: the original within 8k
+                    result[f"gain:{corpus}@{n}"] = context_gain(model, model, ids, n, n * args.windows, TRAINED,
+                                                               retrofit.LAST_TOKENS)
+                    print(row, corpus, n, "context gain", result[f"gain:{corpus}@{n}"], flush=True)
         if args.passkey_lengths:
             docs = passkey_docs(tokenizer, args.passkey_lengths, PASSKEY_DEPTHS, args.passkey_samples)
             result["passkey"] = passkey_accuracy(model, docs)
@@ -123,12 +143,15 @@ def score_row(row: str, args) -> dict:
 
 def table(results: dict, lengths: list[int], passkey_lengths: list[int] = ()) -> str:
     """Last-1024-token perplexity per corpus and length, then passkey accuracy (prompts; the answer's mean NLL)."""
-    corpora = sorted({key.split("@")[0] for r in results.values() for key in r if "@" in key})
-    head = [f"{c} {n}" for c in corpora for n in lengths] + [f"passkey {n}" for n in passkey_lengths]
+    corpora = sorted({key.split("@")[0] for r in results.values() for key in r if "@" in key and ":" not in key})
+    gains = [(c, n) for c in corpora for n in lengths if any(f"gain:{c}@{n}" in r for r in results.values())]
+    head = ([f"{c} {n}" for c in corpora for n in lengths] + [f"gain {c} {n}" for c, n in gains]
+            + [f"passkey {n}" for n in passkey_lengths])
     lines = ["| row | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
     for row, r in results.items():
         cells = [r.get(f"{c}@{n}", {}) for c in corpora for n in lengths]
         texts = [f"{x['last']:.2f}" if "last" in x else "—" for x in cells]
+        texts += [f"{r[f'gain:{c}@{n}']['gain']:.3f}x" if f"gain:{c}@{n}" in r else "—" for c, n in gains]
         key = r.get("passkey", {})
         texts += [passkey_cell(key, n) for n in passkey_lengths]
         lines.append(f"| {row} | " + " | ".join(texts) + " |")
@@ -156,7 +179,7 @@ def merged(previous: dict, results: dict) -> dict:
 
 def scored_lengths(results: dict) -> tuple[list[int], list[int]]:
     """(perplexity lengths, passkey lengths) present in any row."""
-    ppl = {int(key.split("@")[1]) for r in results.values() for key in r if "@" in key}
+    ppl = {int(key.split("@")[1]) for r in results.values() for key in r if "@" in key and ":" not in key}
     passkey = {int(key) for r in results.values() for key in r.get("passkey", {}) if key.isdigit()}
     return sorted(ppl), sorted(passkey)
 

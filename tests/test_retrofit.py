@@ -137,34 +137,46 @@ def test_too_little_text_is_refused(tmp_path, tiny_checkpoint, capsys):
 
 
 def test_rotary_default_chooses_the_retrofit_on_the_training_text(tmp_path, tiny_llama_dir, capsys):
-    """A rotary model's recipe (training-free baseline + a temperature grid): every candidate is scored on the end
-    of the training text, the lowest perplexity is the retrofit (saved whole when it is not the plain fine-tune,
-    with the chosen options), the report shows the table, and a re-run reuses every score."""
+    """A rotary model's recipe: no fine-tune by default (it lost every measured choice), the training-free
+    candidates (Dynamic YaRN over its temperature grid, Self-Extend, ReRoPE) each scored on the end of the training
+    text; the lowest perplexity is the retrofit, saved whole with its method and options; the report shows the
+    table and why nothing was fine-tuned, and a re-run reuses every score."""
     import hf_posenc
 
     assert run(tmp_path, tiny_llama_dir, method=()) == 0
     printed = capsys.readouterr().out
-    assert "[3/7] choosing the retrofit among 4 candidates on 128 tokens" in printed
+    assert "no fine-tune: the 40-step" in printed
+    assert "[2/6] choosing the retrofit among 4 candidates on 128 tokens" in printed
     out = tmp_path / "run"
+    assert not list(out.glob("finetune-*"))
     choice = json.loads((out / "selection.json").read_text())
     scored = choice["chosen_by"]["candidates"]
-    assert [(c["model"], c["options"]["mscale"]) for c in scored] == [
-        ("training-free", 1.0), ("training-free", 0.5), ("fine-tuned", 1.0), ("fine-tuned", 0.5)]
-    assert all(c["options"]["growth"] == 1.5 for c in scored)  # a one-value option: set on every candidate
+    assert [(c["model"], c["method"], c["options"].get("mscale")) for c in scored] == [
+        ("training-free", "rope", 1.0), ("training-free", "rope", 0.5), ("training-free", "self_extend", None),
+        ("training-free", "rerope", None)]
+    assert len({c["ppl"] for c in scored}) == 4  # every candidate's own conversion reaches the scores
     best = min(scored, key=lambda c: c["ppl"])
-    assert (choice["model"], choice["options"]) == (best["model"], best["options"])
-    assert scored[0]["ppl"] != scored[1]["ppl"] and scored[0]["ppl"] != scored[2]["ppl"]  # options and weights reach
+    assert (choice["model"], choice["method"], choice["options"]) == (best["model"], best["method"], best["options"])
     report = (out / "report.md").read_text()
-    assert "| candidate | options | perplexity |" in report and f"The retrofit is the {best['model']} model" in report
-    if not (best["model"] == "fine-tuned" and retrofit.same_options("rope", best["options"],
-                                                                     retrofit.RECIPES["rotary"].options)):
-        saved = hf_posenc.from_pretrained(out / "retrofit")
-        saved_options = saved.config.posenc["options"]  # resolved: theta etc. filled in
-        assert {k: saved_options[k] for k in best["options"]} == best["options"]
+    assert "| candidate | method | options | perplexity |" in report and "Fine-tune: none (" in report
+    saved = hf_posenc.from_pretrained(out / "retrofit")
+    assert saved.config.posenc["method"] == best["method"]
+    saved_options = saved.config.posenc["options"]  # resolved: theta etc. filled in
+    assert {k: saved_options[k] for k in best["options"]} == best["options"]
 
     assert run(tmp_path, tiny_llama_dir, method=()) == 0
     again = capsys.readouterr().out
-    assert "found the fine-tuned model" in again and again.count("skipping") == 1 + 4 + 3  # fine-tune, candidates, three rows
+    assert again.count("skipping") == 4 + 3  # candidates, three rows
+
+
+def test_rotary_finetune_on_request_competes_with_the_training_free_candidates(tmp_path, tiny_llama_dir, capsys):
+    """``--finetune``: the fine-tune runs, and its temperature grid joins the candidates."""
+    assert run(tmp_path, tiny_llama_dir, "--finetune", method=()) == 0
+    printed = capsys.readouterr().out
+    assert "[3/7] choosing the retrofit among 6 candidates on 128 tokens" in printed
+    scored = json.loads((tmp_path / "run" / "selection.json").read_text())["chosen_by"]["candidates"]
+    assert [c["model"] for c in scored] == ["training-free"] * 2 + ["fine-tuned"] * 2 + ["training-free"] * 2
+    assert len(list((tmp_path / "run").glob("finetune-*"))) == 1
 
 
 def test_a_training_text_too_short_to_choose_on_is_refused(tmp_path, tiny_llama_dir, capsys):

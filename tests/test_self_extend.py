@@ -131,13 +131,32 @@ def test_decode_steps_take_the_decode_kernel_and_equal_the_full_forward(case, ke
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("method, options", [("self_extend", {"group": 3}), ("rerope", {"leaky": 3.0})])
+def test_dynamic_is_the_original_inside_the_trained_context_and_extends_past_it(method, options, kernels_seen):
+    """``dynamic=True``: every pair at the model's own positions while the input fits the trained context (whatever
+    the window), the far positions once it does not; each decode step of a cache crossing the trained length equals
+    the full forward of the same prefix (the choice is made per forward, by its longest position)."""
+    original = tiny_model("llama").eval()
+    model = hf_posenc.convert(tiny_model("llama").eval(), method, window=12, dynamic=True, **options)
+    always = hf_posenc.convert(tiny_model("llama").eval(), method, window=12, **options)
+    inside, past = ids(2, OLD_LIMIT), ids(2, 2 * OLD_LIMIT)
+    with torch.no_grad():
+        torch.testing.assert_close(model(inside).logits, original(inside).logits, atol=1e-5, rtol=0)
+        assert not any(k.startswith("two-pass") for k in kernels_seen)  # the ordinary kernels run it
+        torch.testing.assert_close(model(past).logits, always(past).logits, atol=1e-5, rtol=0)
+        out = model(past[:, : OLD_LIMIT - 2], use_cache=True)
+        for n in range(OLD_LIMIT - 2, OLD_LIMIT + 2):  # each step as the full forward of the same prefix
+            step = model(past[:, n : n + 1], cache=out.cache, use_cache=True).logits[:, -1]
+            torch.testing.assert_close(step, model(past[:, : n + 1]).logits[:, -1], atol=1e-4, rtol=0)
+
+
 def test_default_window_and_group_follow_the_papers_rule():
-    """W = L_train / 4; the smallest G with W + (N - W) / G <= (2/3) L_train (SmolLM2: 8k trained, 32k wanted)."""
+    """W = L_train / 2; the smallest G with W + (N - W) / G <= (2/3) L_train (SmolLM2: 8k trained, 32k wanted)."""
     assert default_group(2048, 32768, 8192) == 9
     assert 2048 + (32768 - 2048) / 9 <= 2 / 3 * 8192 + 1e-9 < 2048 + (32768 - 2048) / 8
     model = hf_posenc.convert(tiny_model("llama"), "self_extend", max_position_embeddings=4 * OLD_LIMIT)
     options = model.config.posenc["options"]
-    assert options["window"] == OLD_LIMIT // 4
+    assert options["window"] == OLD_LIMIT // 2
     assert options["window"] + (4 * OLD_LIMIT - options["window"]) / options["group"] <= 2 / 3 * OLD_LIMIT + 1e-9
 
 

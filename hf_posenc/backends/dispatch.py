@@ -10,7 +10,8 @@ banded one); ``"shaw-banded"`` (a ``clipped`` content term: Shaw, inference; :mo
 depends on the query and key positions themselves (FIRE) runs ``sdpa`` or ``eager``. The ``auto`` rules below come
 from the CPU measurements in docs/performance.md (GPT-2 shape: 12 heads of 64, fp32, torch 2.13):
 
-0. a ``two_pass`` rotation (Self-Extend, ReRoPE) -> its own kernels, whatever the backend: ``two-pass-flash`` for
+0. a ``two_pass`` rotation (Self-Extend, ReRoPE) with far pairs in the call -> its own kernels, whatever the backend
+   (without far pairs, e.g. inputs shorter than its window, q / k come rotated and the rules below apply): ``two-pass-flash`` for
    long causal CPU prefills under ``auto`` (plain positions, no padding, no dropout, no autograd, no weights
    requested), ``two-pass-decode`` for one query on plain positions (a decode step: the last W keys near, the rest
    far, each key rotated and scored once), else ``two-pass`` (:mod:`.two_pass`);
@@ -136,13 +137,12 @@ def _flex(call: KernelCall):
 
 
 for _kernel in (
-    Kernel("eager", lambda term: term.rotation_form is None, eager_kernel),
-    Kernel("sdpa", lambda term: not term.content and term.rotation_form is None, sdpa_kernel),
+    Kernel("eager", lambda term: True, eager_kernel),
+    Kernel("sdpa", lambda term: not term.content, sdpa_kernel),
     Kernel("sdpa-blocked", lambda term: not term.content and term.bias == "distance", _blocked),
     Kernel("sdpa-windowed", lambda term: term.bias_form == "linear", _windowed),
     Kernel("sdpa-banded", lambda term: term.bias_form == "banded", _banded),
-    Kernel("flex", lambda term: not term.content and term.rotation_form is None
-           and (term.bias is None or term.bias_form is not None), _flex),
+    Kernel("flex", lambda term: not term.content and (term.bias is None or term.bias_form is not None), _flex),
     Kernel("shaw-banded", lambda term: term.content_form == "clipped", _shaw_banded),
     Kernel("two-pass", lambda term: term.rotation_form == "two_pass", two_pass.two_pass_attention),
     Kernel("two-pass-flash", lambda term: term.rotation_form == "two_pass", two_pass.flash_two_pass),
@@ -171,14 +171,15 @@ def needs_grad(method, query, key, value) -> bool:
 
 def choose_kernel(backend: str, method, query, key, value, attention_mask, causal: bool, dropout: float,
                   weights_requested: bool, plain_positions: bool = True,
-                  semantics: CallSemantics | None = None) -> str:
+                  semantics: CallSemantics | None = None, far_pairs: bool = True) -> str:
     """The kernel for one call: the one place a kernel is chosen (see the module doc for the ``auto`` rules).
     ``plain_positions``: the positions are key indices (one row, consecutive, queries last); the query-block and
     flex kernels assume it, so other positions (explicit ids with gaps, packing, per-row offsets, a static cache's
     capacity) take ``sdpa``. ``semantics``: the call's softcap / sliding window, which some kernels cannot apply
-    (:func:`hf_posenc.attention_kwargs.kernel_for` names the one that does)."""
+    (:func:`hf_posenc.attention_kwargs.kernel_for` names the one that does). ``far_pairs``: a two-pass method has
+    pairs at far positions in this call (else its q / k come rotated and the ordinary rules apply)."""
     semantics = semantics or CallSemantics()
-    if method.term.rotation_form == "two_pass":  # rule 0: its own kernels, whatever the backend
+    if method.term.rotation_form == "two_pass" and far_pairs:  # rule 0: its own kernels, whatever the backend
         fast = backend == "auto" and not weights_requested and two_pass.can_flash(
             query, key, attention_mask, causal, dropout, needs_grad(method, query, key, value), plain_positions,
             method.window, semantics.softcap)

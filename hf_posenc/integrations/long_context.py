@@ -52,6 +52,20 @@ def window_scores(model, heldout: torch.Tensor, length: int, max_tokens: int, la
             "windows": len(windows), "last_tokens": min(last_tokens, length - 1)}
 
 
+def context_gain(model, original, heldout: torch.Tensor, length: int, max_tokens: int, reach: int,
+                 last_tokens: int = 1024) -> dict:
+    """Does ``model`` use the context past ``original``'s reach? For each window of ``length`` tokens, the
+    perplexity of its last ``last_tokens`` targets by ``model`` with the whole window, over the same targets by
+    ``original`` with only the window's last ``reach`` tokens: {"gain": ratio (< 1: the extra context helps),
+    "full": ..., "reach": ..., "windows": n}."""
+    windows = eval_windows(heldout, length, max_tokens)  # (n, L)
+    if len(windows) == 0 or length <= reach:
+        return {"error": f"needs windows of {length} > {reach} tokens; the text has {len(heldout)}"}
+    full = torch.stack([token_nll(model, w)[-last_tokens:] for w in windows]).double().mean()
+    short = torch.stack([token_nll(original, w[-reach:])[-last_tokens:] for w in windows]).double().mean()
+    return {"gain": math.exp(full - short), "full": math.exp(full), "reach": math.exp(short), "windows": len(windows)}
+
+
 def passkey_docs(tokenizer, lengths, depths, samples: int) -> list[dict]:
     """The posenc_passkey prompts (repeat filler), each with its answer tokens; built once for every model."""
     from .tasks import TaskInputError

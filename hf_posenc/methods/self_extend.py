@@ -5,12 +5,12 @@ other positions, chosen per (query i, key j) by the distance d = p_i - p_j of th
 
 - ``self_extend`` (Jin et al. 2024, "LLM Maybe LongLM", datamllab/LongLM): d < W: the ordinary positions;
   d >= W: the query rotated at p_i // G + W - W // G and the key at p_j // G (grouped positions, floor division),
-  so the farthest relative position seen is W + (N - W) / G for N tokens. Defaults: W = L_train / 4 and the
+  so the farthest relative position seen is W + (N - W) / G for N tokens. Defaults: W = L_train / 2 and the
   smallest G with W + (N - W) / G <= (2/3) L_train for N = the converted model's limit (the paper's rule
   (1/2 - 2/3) L_train >= W + (N - W) / G): pass ``max_position_embeddings`` = the length you need.
 - ``rerope`` (Su 2023, "ReRoPE"): d < W: the ordinary positions; d >= W: the relative position clamped at W (the
   query rotated at W, the key at 0); with ``leaky`` = k > 1 compressed instead, W + (d - W) / k (the query at
-  p_i / k + W - W / k, the key at p_j / k: Self-Extend's grouping without the floor).
+  p_i / k + W - W / k, the key at p_j / k: Self-Extend's grouping without the floor). Default W = L_train / 2.
 
 Inside the window every score is exactly the original model's: a model converted with W >= every distance of the
 input is the unconverted model. Far positions of a bidirectional model (BERT) mirror the causal ones for keys
@@ -28,7 +28,7 @@ import torch
 from .base import Memo, PositionTerm, check_range, help_field, shared
 from .rope import Rope, RopeOptions
 
-WINDOW_SHARE = 4  # default window: L_train / 4
+WINDOW_SHARE = 2  # default window: L_train / 2 (SmolLM2: 4096, docs/extrapolation.md 2e)
 REACH_SHARE = 2 / 3  # default group: the far positions stay within (2/3) L_train (Self-Extend's rule)
 STATIC_SCALINGS = (None, "linear", "yarn")  # a dynamic scaling's frequencies would follow the input length
 
@@ -36,12 +36,18 @@ STATIC_SCALINGS = (None, "linear", "yarn")  # a dynamic scaling's frequencies wo
 @dataclass
 class ExtendedRopeOptions(RopeOptions):
     window: int | None = help_field(
-        None, "neighbour window W: pairs closer than W keep the model's own positions; None = trained context / 4; "
+        None, "neighbour window W: pairs closer than W keep the model's own positions; None = trained context / 2; "
         "1 <= W < trained context"
+    )
+    dynamic: bool = help_field(
+        False, "True: far positions only for inputs whose longest position reaches past the trained context (inside "
+        "it the model is exactly the original, as Dynamic YaRN); False: for every pair at distance >= W"
     )
 
     def validate(self, shape=None):
         super().validate(shape)
+        if not isinstance(self.dynamic, bool):
+            raise ValueError(f"option 'dynamic' must be True or False, got {self.dynamic!r}")
         if self.scaling not in STATIC_SCALINGS:
             raise ValueError(f"option 'scaling'={self.scaling!r}: the far positions already extend the context; "
                              f"combine with one of {[s for s in STATIC_SCALINGS if s]} or none")
@@ -76,7 +82,8 @@ class SelfExtendOptions(ExtendedRopeOptions):
         window = self.resolved_window(shape)
         group = self.group or default_group(window, shape.max_positions or shape.original_max_positions,
                                             self.original_max_positions or shape.original_max_positions)
-        return SelfExtendOptions(**{**self.base_resolved(shape), "window": window, "group": group})
+        return SelfExtendOptions(**{**self.base_resolved(shape), "window": window, "dynamic": self.dynamic,
+                                    "group": group})
 
 
 def default_group(window: int, target: int, trained: int) -> int:
@@ -98,7 +105,7 @@ class ReRopeOptions(ExtendedRopeOptions):
 
     def resolve(self, shape) -> "ReRopeOptions":
         return ReRopeOptions(**{**self.base_resolved(shape), "window": self.resolved_window(shape),
-                                "leaky": self.leaky})
+                                "dynamic": self.dynamic, "leaky": self.leaky})
 
 
 class ExtendedRope(Rope):
@@ -123,6 +130,17 @@ class ExtendedRope(Rope):
         """(query positions (P, Lq), key positions (P, Lk)) of the far pairs after (``sign`` 1: d >= W) or before
         (-1: d <= -W) the query."""
         raise NotImplementedError
+
+    def has_far_pairs(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> bool:
+        """Whether any pair of this call is scored at far positions (an over-estimate is exact: a pair is far only
+        where its distance says so; False: every score is the model's own RoPE, which the ordinary kernels run).
+        Reads the positions (a host sync)."""
+        if self.options.dynamic and int(k_pos.max()) < self.options.original_max_positions:
+            return False  # the input stays inside the trained context: the original model
+        reach = int(q_pos.max()) - int(k_pos.min())
+        if not causal:
+            reach = max(reach, int(k_pos.max()) - int(q_pos.min()))
+        return reach >= self.window
 
     def far_key_group(self) -> int | None:
         """G where a far key at position p sits at floor(p / G) (one position per group of G consecutive keys: the

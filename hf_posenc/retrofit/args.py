@@ -56,6 +56,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens scored per length")
     parser.add_argument("--passkey-samples", type=int, default=None, help="passkey prompts per length and depth")
     parser.add_argument("--out", default=None, help="output folder (default runs/retrofit-<model>-<recipe>)")
+    parser.add_argument("--finetune", action="store_true",
+                        help="fine-tune even where the family's recipe skips it (rotary models: the fine-tune lost to "
+                        "the training-free conversions in every measured run; it then competes with them)")
     parser.add_argument("--export", action="store_true",
                         help="at the end, export the retrofit to OUT/export for plain transformers (native where exact, "
                         "else ONNX; docs/export.md)")
@@ -119,13 +122,14 @@ def make_plan(args: argparse.Namespace, family_default: Callable[[Any], Recipe] 
     train = load_config(args.config, [], overrides)
     train.output_dir = str(out / f"finetune-{recipe.name}-{stage_key(train_identity(train))}")
     lengths = positive_lengths(args.eval_lengths, default_lengths(trained))
+    finetune = recipe.finetune or args.finetune or not recipe.training_free  # a recipe without a baseline trains
     plan = Plan(
         out=out, recipe=recipe, train=train, trained_length=trained, lengths=lengths,
         corpora=corpora(train, args.other_heldout),
         eval_tokens=args.eval_tokens or max(lengths) // 2,
         passkey_lengths=[n for n in lengths if PASSKEY_MIN <= n <= max(PASSKEY_MIN, trained // 2)],
         depths=[0.25, 0.75], num_samples=args.passkey_samples or 2,
-        selection_length=2 * trained if len(candidates(recipe)) > 1 else 0,
+        selection_length=2 * trained if len(candidates(recipe, finetune)) > 1 else 0, finetune=finetune,
     )
     check_text(plan)
     return plan

@@ -28,7 +28,7 @@ def load_original(plan: Plan, convert: tuple[str, dict] | None = None):
 def load_candidate(plan: Plan, final: Path, candidate: dict):
     """The candidate's model (fp32, eval); its tokenizer is the fine-tune's."""
     if candidate["model"] == "training-free":
-        return load_original(plan, (plan.recipe.method, candidate["options"]))[0]
+        return load_original(plan, (candidate["method"], candidate["options"]))[0]
     return load_finetuned(final, dtype=torch.float32, posenc_options=candidate["options"]).eval()
 
 

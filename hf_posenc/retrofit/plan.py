@@ -24,6 +24,7 @@ class Plan:
     depths: list[float]
     num_samples: int
     selection_length: int = 0  # tokens of the fine-tune text the selection scores each candidate on (0: none)
+    finetune: bool = True  # whether this run fine-tunes (the recipe's default, or --finetune)
     model_location: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     choice: dict = field(default_factory=dict)  # what :func:`select_model` chose (set after the fine-tune)

@@ -56,18 +56,21 @@ def tables(plan: Plan, rows: dict[str, dict]) -> str:
 
 
 def write_report(plan: Plan, rows: dict[str, dict], seconds: float) -> Path:
-    train, recipe, ft = plan.train, plan.recipe, finetune_summary(plan)
+    train, recipe = plan.train, plan.recipe
+    ft = finetune_summary(plan) if plan.finetune else {}
     mode = f"LoRA r={train.lora.r}" if train.lora is not None else "full fine-tune"
     extras = ", ".join(f"{k} {v}" for k, v in (("PoSE", train.pose), ("distill", train.distill)) if v is not None)
-    wall = f"{ft['seconds']:.0f} s" if ft["seconds"] else "?"
+    wall = f"{ft['seconds']:.0f} s" if ft.get("seconds") else "?"
     text = "\n".join([
         f"# Retrofit: {train.model} -> {recipe.method} {recipe.options or ''}",
         "",
         f"Recipe `{recipe.name}`: {recipe.evidence}.",
         "",
-        f"Fine-tune: {ft['steps']} steps ({ft['tokens']} training tokens, {wall}), {mode}, seq_len "
-        f"{train.seq_len}, batch {train.batch_size} x {train.grad_accum}, lr {train.lr}, on "
-        f"{train.data.text or train.data.files}{'; ' + extras if extras else ''}.",
+        (f"Fine-tune: {ft['steps']} steps ({ft['tokens']} training tokens, {wall}), {mode}, seq_len "
+         f"{train.seq_len}, batch {train.batch_size} x {train.grad_accum}, lr {train.lr}, on "
+         f"{train.data.text or train.data.files}{'; ' + extras if extras else ''}." if plan.finetune else
+         f"Fine-tune: none ({recipe.skip_reason}); the candidates are chosen on "
+         f"{train.data.text or train.data.files}."),
         f"Scored on held-out text the fine-tune never saw ({', '.join(plan.corpora)}): non-overlapping windows of "
         f"each length ({plan.eval_tokens} tokens per length, at least one window); passkey over depths "
         f"{plan.depths} x {plan.num_samples} prompts. `{SKIPPED}`: beyond the original's learned position table; "
@@ -90,10 +93,12 @@ def selection_text(plan: Plan) -> list[str]:
     chosen_by = plan.choice.get("chosen_by")
     if not chosen_by:
         return []
-    lines = [f"The retrofit is the {plan.choice['model']} model with {options_text(plan.choice['options'])}: the "
-             f"lowest perplexity of these candidates on the last {chosen_by['tokens']} tokens of the fine-tune's "
-             "training text (2x the trained context; the held-out texts below were never used to choose):", "",
-             f"| candidate | options | perplexity | last {LAST_TOKENS} |", "|---|---|---:|---:|"]
+    lines = [f"The retrofit is the {plan.choice['model']} model, {plan.choice['method']} with "
+             f"{options_text(plan.choice['options'])}: the lowest perplexity of these candidates on the last "
+             f"{chosen_by['tokens']} tokens of the fine-tune's training text (2x the trained context; the held-out "
+             "texts below were never used to choose):", "",
+             f"| candidate | method | options | perplexity | last {LAST_TOKENS} |", "|---|---|---|---:|---:|"]
     for c in chosen_by["candidates"]:
-        lines.append(f"| {c['model']} | {options_text(c['options'])} | {c['ppl']:.3f} | {c['last']:.3f} |")
+        lines.append(f"| {c['model']} | {c['method']} | {options_text(c['options'])} | {c['ppl']:.3f} | "
+                     f"{c['last']:.3f} |")
     return [*lines, ""]

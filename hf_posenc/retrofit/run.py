@@ -14,7 +14,6 @@ from .args import make_plan, parse_args
 from .models import load_original, load_retrofit
 from .plan import Plan
 from .plots import plot
-from .recipes import Recipe
 from .report import tables, write_report
 from .scores import score_model
 from .select import candidates, choice_key, choice_text, options_text, retrofit_dir, select_model
@@ -49,14 +48,15 @@ def logs_to_file(out: Path):
         handler.close()
 
 
-def stage_count(recipe: Recipe) -> int:
-    """fetch, fine-tune, [choose], original, [training-free], retrofit, report."""
-    return 5 + recipe.training_free + (len(candidates(recipe)) > 1)
+def stage_count(plan: Plan) -> int:
+    """fetch, [fine-tune], [choose], original, [training-free], retrofit, report."""
+    recipe = plan.recipe
+    return 4 + plan.finetune + recipe.training_free + (len(candidates(recipe, plan.finetune)) > 1)
 
 
 def run_stages(plan: Plan, started: float) -> dict[str, dict]:
     recipe = plan.recipe
-    total, step = stage_count(recipe), 2
+    total, step = stage_count(plan), 2
 
     def timed(name, fn):
         t0 = time.perf_counter()
@@ -69,12 +69,16 @@ def run_stages(plan: Plan, started: float) -> dict[str, dict]:
         say(step, total, text)
         step += 1
 
-    stage(f"fine-tuning {recipe.method} {recipe.options or ''} for {plan.train.max_steps} steps at "
-          f"{plan.train.seq_len} tokens (recipe {recipe.name})")
-    final = timed("fine-tune", lambda: finetune(plan))
+    final = None
+    if plan.finetune:
+        stage(f"fine-tuning {recipe.method} {recipe.options or ''} for {plan.train.max_steps} steps at "
+              f"{plan.train.seq_len} tokens (recipe {recipe.name})")
+        final = timed("fine-tune", lambda: finetune(plan))
+    else:
+        print(f"      no fine-tune: {recipe.skip_reason}")
     if plan.selection_length:
-        stage(f"choosing the retrofit among {len(candidates(recipe))} candidates on {plan.selection_length} tokens of "
-              "the training text")
+        stage(f"choosing the retrofit among {len(candidates(recipe, plan.finetune))} candidates on "
+              f"{plan.selection_length} tokens of the training text")
         plan.choice = timed("choose", lambda: select_model(plan, final))
     else:
         plan.choice = select_model(plan, final)  # the one candidate: the fine-tune
@@ -94,8 +98,9 @@ def run_stages(plan: Plan, started: float) -> dict[str, dict]:
             skip_inside=rows["original"] if recipe.original_inside else None))
     stage(f"scoring the retrofit ({recipe.name}: {choice_text(plan.choice)})")
     inside_is_original = recipe.original_inside and plan.choice["model"] == "training-free"
+    trained = train_identity(plan.train) if plan.choice["model"] == "fine-tuned" else None
     rows[f"retrofit ({recipe.name})"] = timed("retrofit", lambda: score_model(
-        plan, "retrofit", {"finetune": train_identity(plan.train), **choice_key(plan.choice)},
+        plan, "retrofit", {"finetune": trained, **choice_key(plan.choice)},
         lambda: load_retrofit(retrofit_model), shared=False,
         skip_inside=rows["original"] if inside_is_original else None))
     return rows
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"hf-posenc retrofit: error: {err}", file=sys.stderr)
         return 2
-    total = stage_count(plan.recipe)
+    total = stage_count(plan)
     say(1, total, f"getting the model {plan.train.model}")
     try:
         location = fetch_model(plan)
@@ -132,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def export_retrofit(plan: Plan) -> int:
     """``--export``: the fine-tuned model -> ``OUT/export`` (replaced by each run), see docs/export.md."""
-    model, tokenizer, _ = load_retrofit(retrofit_dir(plan, plan.finetune_dir, plan.choice))
+    final = plan.finetune_dir if plan.finetune else None
+    model, tokenizer, _ = load_retrofit(retrofit_dir(plan, final, plan.choice))
     try:
         out = export(model, plan.out / "export", tokenizer=tokenizer, overwrite=True)
     except ValueError as err:

@@ -23,12 +23,18 @@ from .scores import LAST_TOKENS
 from .stages import cached, train_identity, write_json
 
 
-def candidates(recipe: Recipe) -> list[dict]:
+def candidates(recipe: Recipe, finetune: bool = True) -> list[dict]:
     """The models :func:`select_model` compares, simplest first: {"model": "training-free" | "fine-tuned",
-    "options": method options}. One (the fine-tuned model) for recipes without a training-free baseline."""
+    "method": ..., "options": method options}: the recipe's method over its option grid (training-free where the
+    recipe has a training-free baseline, fine-tuned where ``finetune``), then its alternative training-free
+    conversions. One (the fine-tuned model) for recipes without a training-free baseline."""
     grid = [dict(zip(recipe.select, values)) for values in itertools.product(*recipe.select.values())] or [{}]
-    kinds = ["training-free", "fine-tuned"] if recipe.training_free else ["fine-tuned"]
-    return [{"model": kind, "options": {**recipe.options, **values}} for kind in kinds for values in grid]
+    kinds = (["training-free"] if recipe.training_free else []) + (["fine-tuned"] if finetune else [])
+    own = [{"model": kind, "method": recipe.method, "options": {**recipe.options, **values}}
+           for kind in kinds for values in grid]
+    others = [{"model": "training-free", "method": method, "options": dict(options)}
+              for method, options in (recipe.alternatives if recipe.training_free else ())]
+    return own + others
 
 
 def training_text_tail(plan: Plan) -> str:
@@ -49,10 +55,10 @@ def selection_window(plan: Plan, tokenizer):
 def select_model(plan: Plan, final: Path) -> dict:
     """The retrofit: the candidate with the lowest perplexity on one window of the training text at 2x the trained
     context (ties: the simpler, listed first). Every candidate's score goes to ``selection.json``."""
-    options = candidates(plan.recipe)
+    options = candidates(plan.recipe, plan.finetune)
     if len(options) == 1:
         return {**options[0], "chosen_by": None}
-    tokenizer = transformers.AutoTokenizer.from_pretrained(final)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(final or plan.model_location)
     window = selection_window(plan, tokenizer)
     digest = hashlib.sha256(window.numpy().tobytes()).hexdigest()[:16]
     scored = []
@@ -68,10 +74,10 @@ def select_model(plan: Plan, final: Path) -> dict:
                 return window_scores(model, window, len(window), len(window), LAST_TOKENS)
 
         scores = cached(plan, label, identity, compute, shared=candidate["model"] == "training-free")
-        print(f"      {candidate['model']} {options_text(candidate['options'])}: perplexity {scores['ppl']:.3f}")
+        print(f"      {candidate_text(candidate)}: perplexity {scores['ppl']:.3f}")
         scored.append({**candidate, **scores})
     best = min(scored, key=lambda c: c["ppl"])  # min keeps the first of equals
-    choice = {"model": best["model"], "options": best["options"],
+    choice = {"model": best["model"], "method": best["method"], "options": best["options"],
               "chosen_by": {"tokens": len(window), "text": "the end of the training text", "candidates": scored}}
     write_json(plan.out / "selection.json", choice)
     return choice
@@ -82,7 +88,8 @@ def retrofit_dir(plan: Plan, final: Path, choice: dict) -> Path:
     (the chosen model saved whole, written aside and renamed)."""
     from peft import PeftModel  # the train extra's; imported here so the package imports without it
 
-    if choice["model"] == "fine-tuned" and same_options(plan.recipe.method, choice["options"], plan.recipe.options):
+    if (choice["model"] == "fine-tuned" and choice["method"] == plan.recipe.method
+            and same_options(plan.recipe.method, choice["options"], plan.recipe.options)):
         return final
     out = plan.out / "retrofit"
     marker = out / "choice.json"
@@ -91,7 +98,7 @@ def retrofit_dir(plan: Plan, final: Path, choice: dict) -> Path:
     model = load_candidate(plan, final, choice)
     if isinstance(model, PeftModel):  # an unmerged LoRA fine-tune: the folder holds the merged weights
         model = model.merge_and_unload()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(final)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(final or plan.model_location)
     with replaced_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -107,11 +114,17 @@ def same_options(method: str, a: dict, b: dict) -> bool:
 
 def choice_key(choice: dict) -> dict:
     """What the retrofit model is (not how it was chosen); a recipe without a choice keeps its scores' old key."""
-    return {} if choice["chosen_by"] is None else {"choice": {"model": choice["model"], "options": choice["options"]}}
+    if choice["chosen_by"] is None:
+        return {}
+    return {"choice": {"model": choice["model"], "method": choice["method"], "options": choice["options"]}}
 
 
 def choice_text(choice: dict) -> str:
-    return f"the {choice['model']} model, {options_text(choice['options'])}"
+    return f"the {choice['model']} model, {candidate_text(choice)}"
+
+
+def candidate_text(candidate: dict) -> str:
+    return f"{candidate['model']} {candidate['method']} {options_text(candidate['options'])}"
 
 
 def options_text(options: dict) -> str:
