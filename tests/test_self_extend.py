@@ -174,3 +174,11 @@ def test_bad_options_are_refused_before_the_model_changes(method, options, messa
         hf_posenc.convert(model, method, **options)
     assert not hf_posenc.is_converted(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["self_extend", "rerope"])
+def test_export_is_refused_naming_why_and_writes_nothing(method, tmp_path):
+    model = hf_posenc.convert(tiny_model("llama"), method, window=12)
+    with pytest.raises(ValueError, match="far positions"):
+        hf_posenc.export(model, tmp_path / "out", format="auto")
+    assert list(tmp_path.iterdir()) == []

@@ -25,6 +25,7 @@ from .common import posenc
 FILE_NAME = "model.onnx"
 INPUT_NAMES = ("input_ids", "attention_mask")
 LENGTH_FOLLOWING = ("dynamic",)  # dynamic_yarn has a traced form (Rope._traced_dynamic_yarn)
+TWO_PASS = ("self_extend", "rerope")  # hf_posenc.methods.self_extend: no native form, no traced one
 # the exporter's notes on what is harmless here: the method's per-forward positions are plain attributes (not state of
 # the graph), and input_ids / attention_mask share their axes
 QUIET = (r"The tensor attribute .* was assigned during export", r"# The axis name: .* will not be used",
@@ -34,6 +35,9 @@ REQUIREMENTS = ("onnxscript", "onnx")  # what torch.onnx's dynamo exporter impor
 
 def refusal(model: nn.Module) -> str | None:
     entry = posenc(model)
+    if entry["method"] in TWO_PASS:
+        return (f"{entry['method']} decides per input in Python which pairs take far positions (and runs its own "
+                "two-pass kernels), which a traced ONNX graph cannot do")
     if entry["method"] == "rope" and entry["options"]["scaling"] in LENGTH_FOLLOWING:
         return (f"rope scaling={entry['options']['scaling']!r} chooses its frequencies per input length in Python, "
                 "which a traced ONNX graph cannot do")
