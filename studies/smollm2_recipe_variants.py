@@ -62,6 +62,8 @@ def parse_args(argv):
     parser.add_argument("--passkey-lengths", default="", help="comma-separated lengths to score passkey at (none: '')")
     parser.add_argument("--passkey-samples", type=int, default=2,
                         help=f"passkey prompts per depth ({len(PASSKEY_DEPTHS)} depths: {PASSKEY_DEPTHS})")
+    parser.add_argument("--passkey-depths", default=",".join(map(str, PASSKEY_DEPTHS)),
+                        help="comma-separated key depths (a subset splits the prompts over several jobs)")
     parser.add_argument("--gain", action="store_true",
                         help="also the context gain past 8k of the self-extension rows (dynamic: the original within "
                              "8k): last-1k perplexity with the whole window / with its last 8k tokens")
@@ -76,6 +78,7 @@ def parse_args(argv):
     if args.windows < 1:
         parser.error("--windows must be >= 1")
     args.rows = rows
+    args.passkey_depths = [float(d) for d in args.passkey_depths.split(",") if d]
     args.lengths, args.passkey_lengths = ([int(n) for n in text.split(",") if n] for text in (args.lengths,
                                                                                               args.passkey_lengths))
     return args
@@ -135,7 +138,7 @@ def score_row(row: str, args) -> dict:
                                                                retrofit.LAST_TOKENS)
                     print(row, corpus, n, "context gain", result[f"gain:{corpus}@{n}"], flush=True)
         if args.passkey_lengths:
-            docs = passkey_docs(tokenizer, args.passkey_lengths, PASSKEY_DEPTHS, args.passkey_samples)
+            docs = passkey_docs(tokenizer, args.passkey_lengths, args.passkey_depths, args.passkey_samples)
             result["passkey"] = passkey_accuracy(model, docs)
             print(row, "passkey", result["passkey"], flush=True)
     return result

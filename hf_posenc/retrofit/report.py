@@ -62,7 +62,8 @@ def write_report(plan: Plan, rows: dict[str, dict], seconds: float) -> Path:
     extras = ", ".join(f"{k} {v}" for k, v in (("PoSE", train.pose), ("distill", train.distill)) if v is not None)
     wall = f"{ft['seconds']:.0f} s" if ft.get("seconds") else "?"
     text = "\n".join([
-        f"# Retrofit: {train.model} -> {recipe.method} {recipe.options or ''}",
+        f"# Retrofit: {train.model} -> {plan.choice['method']} {options_text(plan.choice['options'])} "
+        f"({plan.choice['model']})",
         "",
         f"Recipe `{recipe.name}`: {recipe.evidence}.",
         "",

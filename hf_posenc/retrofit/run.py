@@ -99,7 +99,7 @@ def run_stages(plan: Plan, started: float) -> dict[str, dict]:
     stage(f"scoring the retrofit ({recipe.name}: {choice_text(plan.choice)})")
     inside_is_original = recipe.original_inside and plan.choice["model"] == "training-free"
     trained = train_identity(plan.train) if plan.choice["model"] == "fine-tuned" else None
-    rows[f"retrofit ({recipe.name})"] = timed("retrofit", lambda: score_model(
+    rows[f"retrofit ({recipe.name}: {plan.choice['method']})"] = timed("retrofit", lambda: score_model(
         plan, "retrofit", {"finetune": trained, **choice_key(plan.choice)},
         lambda: load_retrofit(retrofit_model), shared=False,
         skip_inside=rows["original"] if inside_is_original else None))
