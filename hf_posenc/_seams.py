@@ -75,3 +75,27 @@ def static_capacity(cache) -> int | None:
     if not layers or not all(isinstance(layer, StaticLayer) and not layer.is_sliding for layer in layers):
         return None
     return layers[0].max_cache_len
+
+
+# transformers' RoPE init functions (``ROPE_INIT_FUNCTIONS[rope_type](config, device, seq_len=...)``) read
+# ``config.rope_parameters`` (rope_theta, factor, original_max_position_embeddings, ...), ``head_dim`` (else
+# hidden_size // num_attention_heads) and, for the dynamic types, ``max_position_embeddings`` as the trained context;
+# they return (inverse frequencies (head_dim * partial_rotary_factor / 2,), cos/sin scale)
+def rope_init_config(rope_parameters: dict, head_dim: int, num_heads: int, max_positions: int):
+    """A throwaway config in the form those functions read (its own copy of ``rope_parameters``)."""
+    import copy
+
+    from transformers import PretrainedConfig
+
+    config = PretrainedConfig(hidden_size=head_dim * num_heads, num_attention_heads=num_heads, head_dim=head_dim,
+                              max_position_embeddings=max_positions)
+    config.rope_parameters = copy.deepcopy(rope_parameters)
+    return config
+
+
+def rope_frequencies(config, device=None, seq_len: int | None = None) -> tuple["torch.Tensor", float]:
+    """(fp32 inverse frequencies, cos/sin scale) of ``config`` (from :func:`rope_init_config`) for inputs whose longest
+    position is ``seq_len`` - 1 (None: as the model's rotary module is built)."""
+    rope_type = config.rope_parameters["rope_type"]
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](config, device, seq_len=seq_len)
+    return inv_freq.float(), float(attention_factor)

@@ -46,20 +46,27 @@ def convert_main(argv: list[str]) -> int:
     import transformers
 
     from hf_posenc._fs import OutputExistsError, check_output_dir, replaced_dir
-    from hf_posenc.sources import resolve_model
 
     try:
         check_output_dir(args.out, args.overwrite)  # before loading anything
     except OutputExistsError as err:
         parser.error(str(err))
     options = dict(_parse_option(o, parser) for o in args.option)
-    args.model_path = resolve_model(args.model_path)
+    backend = _checked_options(args, options, parser)
+    args.model_path = _model_location(args.model_path, parser)
     model_class = args.model_class or _checkpoint_class(args.model_path, parser)
     auto_class = getattr(transformers, model_class, None)
     if auto_class is None:
         parser.error(f"--model-class {model_class!r} is not a transformers class")
-    model = auto_class.from_pretrained(args.model_path)
-    hf_posenc.convert(model, args.method, max_position_embeddings=args.max_position_embeddings, **options)
+    try:
+        model = auto_class.from_pretrained(args.model_path)
+    except (OSError, ValueError) as err:
+        parser.error(f"--model-path {args.model_path}: cannot load it as {model_class}: {_first_line(err)}")
+    try:  # what only the model can check (its head size, its current limit); nothing is written yet
+        hf_posenc.convert(model, args.method, max_position_embeddings=args.max_position_embeddings, backend=backend,
+                          **options)
+    except (ValueError, TypeError) as err:  # TypeError: --model-class loaded something that is not a model
+        parser.error(str(err))
     with replaced_dir(args.out, args.overwrite) as tmp:  # saved beside --out, then renamed: never half-written
         model.save_pretrained(tmp)
         if not (tmp / "config.json").is_file():  # save_pretrained only logs some failures
@@ -73,12 +80,51 @@ def convert_main(argv: list[str]) -> int:
     return 0
 
 
+# convert() arguments that have their own flag: ``--option max_position_embeddings=N`` would pass them twice
+NAMED_ARGUMENTS = {"max_position_embeddings": "--max-position-embeddings"}
+
+
+def _checked_options(args: argparse.Namespace, options: dict, parser: argparse.ArgumentParser) -> str | None:
+    """Refuse an unknown method, unknown or bad options and a bad limit before the model is read (exit 2). Takes
+    ``backend`` out of ``options`` (convert's own argument) and returns it."""
+    from hf_posenc.config import PosEncConfig
+
+    for key, flag in NAMED_ARGUMENTS.items():
+        if key in options:
+            parser.error(f"--option {key}=... is not a method option; pass {flag} {options[key]} instead")
+    backend = options.pop("backend", None)
+    try:
+        PosEncConfig(args.method, dict(options), args.max_position_embeddings,
+                     backend="auto" if backend is None else backend)
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
+    return backend
+
+
+def _model_location(model_path: str, parser: argparse.ArgumentParser) -> str:
+    """A named offline source -> its folder (fetched if needed); a local path or hub name unchanged."""
+    from hf_posenc.sources import SourceError, resolve_model
+
+    try:
+        return str(resolve_model(model_path))
+    except (SourceError, ValueError, OSError) as err:
+        parser.error(f"--model-path {model_path}: {_first_line(err)}")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def _checkpoint_class(model_path: str, parser: argparse.ArgumentParser) -> str:
     """The model class the checkpoint names in ``config.architectures``, so its head (and loss) is kept: a BERT
     MLM checkpoint loads as BertForMaskedLM, not as the causal BertLMHeadModel AutoModelForCausalLM would pick."""
     import transformers
 
-    named = transformers.AutoConfig.from_pretrained(model_path).architectures or []
+    try:
+        named = transformers.AutoConfig.from_pretrained(model_path).architectures or []
+    except (OSError, ValueError) as err:
+        parser.error(f"--model-path {model_path}: not a local checkpoint, named source or reachable hub model "
+                     f"({_first_line(err)}); check the path (hf-posenc fetch --list names the offline sources)")
     known = [name for name in named if hasattr(transformers, name)]
     if not known:
         parser.error(f"{model_path} names no transformers model class in config.architectures ({named}); pass "
@@ -86,16 +132,24 @@ def _checkpoint_class(model_path: str, parser: argparse.ArgumentParser) -> str:
     return known[0]
 
 
-def _parse_option(text: str, parser: argparse.ArgumentParser) -> tuple[str, object]:
+def parse_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> (key, value parsed as JSON, else the bare string); ValueError without ``=``."""
     import json
 
     key, sep, value = text.partition("=")
-    if not sep:
-        parser.error(f"--option expects KEY=VALUE, got {text!r}")
+    if not sep or not key:
+        raise ValueError(f"--option expects KEY=VALUE (e.g. --option factor=4), got {text!r}")
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value  # a bare string such as yarn
+
+
+def _parse_option(text: str, parser: argparse.ArgumentParser) -> tuple[str, object]:
+    try:
+        return parse_option(text)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,7 @@ def model_shape(spec: ArchSpec, model: PreTrainedModel) -> ModelShape:
         original_max_positions=config.max_position_embeddings,
         native_rotary=spec.rotary is not None,
         native_rope_theta=rope_parameters.get("rope_theta") if spec.rotary else None,
+        native_rope_parameters=copy.deepcopy(rope_parameters) if spec.rotary else None,
         replaced_position_rms=_rms(table.weight) if isinstance(table, nn.Embedding) else None,
         token_embedding_rms=_scaled(_rms(embeddings), spec.token_embedding_scale(config)),
         weights_known=not embeddings.is_meta,
@@ -91,6 +92,8 @@ def convert(model: PreTrainedModel, method: str | PosEncConfig, /, max_position_
             f"hf_posenc relies on for {spec.family!r} have moved (transformers {transformers.__version__})"
         )
     shape = model_shape(spec, model)
+    if posenc.original_max_position_embeddings is not None:  # rebuilt: its config holds the conversion's rotary;
+        shape = dataclasses.replace(shape, native_rope_parameters=None)  # the checkpoint's is in the options
     default_limit = min(max(16 * shape.original_max_positions, 8192), MAX_POSITIONS)  # a reload checks the cap
     new_limit = posenc.max_position_embeddings or default_limit
     if new_limit < shape.original_max_positions:
@@ -205,10 +208,11 @@ def _native_rotary(spec: ArchSpec, model, method: PositionMethod, shape: ModelSh
 
 
 def _disable_native_positions(spec: ArchSpec, model, method: PositionMethod, rotary, dtype) -> None:
+    """The stand-ins reach the method through base_model.posenc at each call (a PEFT copy that replaces it is used)."""
     base = model.base_model
     if spec.position_table:
         call, offset = spec.table_call, spec.table_offset(model.config)  # how the family calls its table
-        table = (MethodPositions(method, dtype, call, offset) if method.embeds
+        table = (MethodPositions(MethodRef(base, METHOD_MODULE), dtype, call, offset) if method.embeds
                  else ZeroPositions(model.config.hidden_size, dtype, call, offset))
         set_submodule(base, spec.position_table, table.to(next(model.parameters()).device))
     if rotary is not None:
@@ -217,7 +221,8 @@ def _disable_native_positions(spec: ArchSpec, model, method: PositionMethod, rot
             model.config.rope_parameters = method.native_rope_parameters()
     if method.embeds and not spec.position_table:
         first_layer = base.get_submodule(spec.decoder_layers)[0]
-        first_layer.register_forward_pre_hook(EmbedBeforeFirstLayer(method), with_kwargs=True)
+        first_layer.register_forward_pre_hook(EmbedBeforeFirstLayer(MethodRef(base, METHOD_MODULE)),
+                                              with_kwargs=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

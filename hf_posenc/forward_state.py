@@ -79,10 +79,12 @@ class ForwardState:
 
     def written_positions(self) -> torch.Tensor | None:
         """(P, n + Lq): positions of every real key the cache holds after this forward (None: no attention call
-        reported positions)."""
+        reported positions). A static cache's (P, C) keep every row the queries have: a compiled decode step cannot
+        share rows (that reads values), so a prefill that shared them would change the shape at the first step."""
         if self.queries is None:
             return None
-        return join_positions(self.past, shared_rows(self.queries.long()))
+        queries = self.queries.long()
+        return join_positions(self.past, queries if isinstance(self.past, SlotPositions) else shared_rows(queries))
 
 
 def state_of(kwargs: dict) -> ForwardState:

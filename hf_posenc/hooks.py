@@ -47,8 +47,9 @@ class ForwardHooks:
         given = kwargs.get("position_ids")
         if given is None and self.derive is not None:
             given = self.derive(base, args, kwargs, positions.past_length(cache))
-            if given is not None:
-                kwargs = {**kwargs, "position_ids": given}
+        if given is not None:
+            given = hidden_at_position_zero(given, kwargs.get("attention_mask"), self.offset)
+            kwargs = {**kwargs, "position_ids": given}
         checkpointing = base.training and torch.is_grad_enabled() and any(
             getattr(m, "gradient_checkpointing", False) for m in base.modules()
         )
@@ -66,6 +67,18 @@ class ForwardHooks:
         written, cache = state.written_positions(), positions.cache_output(output)
         positions.remember_positions(cache, written)
         key_cache.end_forward(state, positions.cache_argument(kwargs), cache, written)
+
+
+def hidden_at_position_zero(position_ids: torch.Tensor, mask, position_zero: int) -> torch.Tensor:
+    """(B|1, L) position ids -> (B, L) with every token a 2-D ``mask`` (B, n + L: the last L columns are this
+    forward's tokens) hides moved to position 0 (id ``position_zero``: the family's table offset). A hidden token is
+    no other token's key, so its position changes no output that counts; the families' own rules put pads before the
+    first position (OPT, RoBERTa: -1), which an absolute method (``learned``) refuses. Unchanged without such a mask
+    (none, a 4-D one, or the per-layer-kind dict generate builds for a static cache)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[-1] < position_ids.shape[-1]:
+        return position_ids
+    hidden = mask[:, mask.shape[-1] - position_ids.shape[-1]:].to(position_ids.device) == 0  # (B, L)
+    return torch.where(hidden, position_zero, position_ids)
 
 
 def _keep_the_method(base) -> None:

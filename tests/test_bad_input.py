@@ -46,7 +46,8 @@ def assert_unchanged(model, before):
         ("rope", {"scaling": "yarn", "factor": 2.0, "growth": 2.0}, "give scaling='dynamic_yarn' with it"),
         ("rope", {"growth": 2.0}, "option 'growth' sets how Dynamic YaRN's scale follows the input"),
         ("rope", {"scaling": "dynamic_yarn", "factor": 2.0, "growth": 0.0}, "option 'growth' must be a number"),
-        ("rope", {"thetaa": 5.0}, "unknown option(s) ['thetaa'] for method 'rope'; valid options: factor, fraction"),
+        ("rope", {"thetaa": 5.0},
+         "unknown option(s) ['thetaa'] for method 'rope'; valid options: checkpoint_rope, factor, fraction"),
         ("t5", {"num_buckets": 1}, "option 'num_buckets' must be an integer >= 2, got 1"),
         ("t5", {"num_buckets": 3.5}, "option 'num_buckets' must be an integer"),
         ("t5", {"init": "random"}, "option 'init' must be one of ['alibi', 'zeros']"),
@@ -165,3 +166,85 @@ def test_from_pretrained_bad_posenc_options_are_named(tmp_path, method, saved, o
     with pytest.raises(ValueError) as err:
         hf_posenc.from_pretrained(tmp_path, posenc_options=options)
     assert message in str(err.value)
+
+
+# ---- finetune: every check runs before the first write, and a refused run leaves no folder -----------------
+
+
+def saved_tiny(root, tokenizer_dir, family, name, **config):
+    """A tiny checkpoint with the tiny tokenizer, as a user's local model folder."""
+    import shutil
+
+    out = root / name
+    tiny_model(family, **config).save_pretrained(out)
+    shutil.copytree(tokenizer_dir, out, dirs_exist_ok=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def finetune_models(tmp_path_factory, tiny_tokenizer_dir):
+    root = tmp_path_factory.mktemp("finetune_models")
+    return {name: saved_tiny(root, tiny_tokenizer_dir, family, name, **config) for name, family, config in (
+        ("gpt2", "gpt2", {}), ("gpt2_vocab100", "gpt2", {"vocab_size": 100}), ("roberta", "roberta", {}))}
+
+
+def finetune_config(model, out, **overrides):
+    from tiny_models import TEXT
+
+    from hf_posenc.training import load_config
+
+    values = {"model": str(model), "method": "alibi", "data": {"files": [str(TEXT)]}, "seq_len": 32,
+              "batch_size": 2, "max_steps": 1, "eval_every": 0, "eval_multipliers": [1], "eval_tokens": 32,
+              "save_every": 0, "report_to": ["none"], "output_dir": str(out), **overrides}
+    return load_config(overrides=values)
+
+
+def test_finetune_refuses_a_tokenizer_the_model_cannot_embed_before_writing(finetune_models, tmp_path):
+    """Was: checks passed, metrics.jsonl and train_config.json written, a bare IndexError at the first step, and
+    the folder then refused the corrected run as another run's."""
+    from hf_posenc.training import DataError, train
+
+    out = tmp_path / "runs" / "out"
+    with pytest.raises(DataError, match=r"holds token id \d+, but '.*gpt2_vocab100' embeds only 100 token ids "
+                                        r"\(0..99\).*use the model's own tokenizer"):
+        train(finetune_config(finetune_models["gpt2_vocab100"], out))
+    assert not (tmp_path / "runs").exists()  # no metrics, no train_config.json, no empty folder
+    assert train(finetune_config(finetune_models["gpt2"], out)).step == 1  # the corrected run goes ahead
+
+
+def test_mlm_masking_needs_every_tokenizer_id_in_the_embedding(tiny_tokenizer):
+    """The MLM collator swaps in random ids from the whole tokenizer, so its size must fit, not only the text's."""
+    from hf_posenc.training import DataError
+    from hf_posenc.training.data import Corpus, check_token_ids
+
+    corpus = Corpus(torch.arange(10), torch.arange(10), "ten ids")
+    rows = len(tiny_tokenizer) - 1
+    check_token_ids(corpus, tiny_tokenizer, "causal", rows, "m")  # only the text's ids reach a causal model
+    with pytest.raises(DataError, match=rf"the tokenizer has {rows + 1} tokens .* embeds only {rows} token ids"):
+        check_token_ids(corpus, tiny_tokenizer, "mlm", rows, "m")
+
+
+@pytest.mark.parametrize("model, overrides, error, message", [
+    ("gpt2", {"data": {"files": ["no/such/text.txt"]}}, "DataError", "no/such/text.txt does not exist"),
+    ("gpt2", {"resume_from": "no/such/checkpoint"}, "FileNotFoundError", "not a complete checkpoint"),
+    # checks only the loaded model can make: were a raw ValueError from convert, or an error after the last step
+    ("gpt2", {"max_position_embeddings": 32}, "ConfigError", "method 'alibi': .*below the model's current limit 64"),
+    ("gpt2", {"method": "learned", "max_position_embeddings": 64, "eval_multipliers": [1, 4]}, "ConfigError",
+     r"reaches 128 tokens, but the model runs at most 64 \(.*learned table.*set max_position_embeddings: 128"),
+    ("roberta", {"max_position_embeddings": 64, "eval_multipliers": [1, 2]}, "ConfigError",
+     r"runs at most 62 \(max_position_embeddings=64: the roberta length buffers\); set max_position_embeddings: 66"),
+])
+def test_a_finetune_refused_by_its_checks_leaves_no_folder(finetune_models, tmp_path, model, overrides, error,
+                                                           message):
+    import hf_posenc.training as training
+
+    errors = {"DataError": training.DataError, "ConfigError": training.ConfigError,
+              "FileNotFoundError": FileNotFoundError}
+    with pytest.raises(errors[error], match=message):
+        training.train(finetune_config(finetune_models[model], tmp_path / "runs" / "out", **overrides))
+    assert not (tmp_path / "runs").exists()
+    kept = tmp_path / "kept"  # a folder that was there before stays, as it was
+    kept.mkdir()
+    with pytest.raises(errors[error]):
+        training.train(finetune_config(finetune_models[model], kept, **overrides))
+    assert kept.is_dir() and not any(kept.iterdir())

@@ -34,11 +34,12 @@ def test_convert_command_round_trip(tmp_path, tiny_tokenizer_dir, capsys):
     assert torch.isfinite(logits).all()
 
 
-def test_convert_command_rejects_bad_method_before_writing(tmp_path):
+def test_convert_command_rejects_bad_method_before_writing(tmp_path, capsys):
     src = tmp_path / "plain"
     tiny_model("gpt2").save_pretrained(src)
-    with pytest.raises(ValueError, match="known methods"):
+    with pytest.raises(SystemExit) as exit_:  # exit 2 and one line, not a traceback
         cli.main(["convert", "--model-path", str(src), "--method", "alibbi", "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2 and "known methods" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -131,3 +132,51 @@ def test_convert_overwrite_replaces_out_only_after_a_complete_save(tmp_path, tin
     assert type(hf_posenc.from_pretrained(out)).__name__ == "GPT2LMHeadModel"
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "plain"]
+
+
+@pytest.fixture(scope="module")
+def gpt2_checkpoint(tmp_path_factory, tiny_tokenizer_dir):
+    return checkpoint_dir(tmp_path_factory.mktemp("cli"), tiny_tokenizer_dir)
+
+
+@pytest.mark.parametrize("extra, message", [
+    # an option with a flag of its own: was `TypeError: multiple values for keyword argument`
+    (["--option", "max_position_embeddings=128"], "not a method option; pass --max-position-embeddings 128"),
+    (["--option", "thetaa=5"], "unknown option(s) ['thetaa'] for method 'alibi'"),
+    (["--max-position-embeddings", "0"], "max_position_embeddings must be a positive integer"),
+    (["--max-position-embeddings", "32"], "below the model's current limit 64"),  # known once the model is read
+])
+def test_convert_bad_options_exit_2_with_one_line_before_writing(gpt2_checkpoint, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_:
+        convert(gpt2_checkpoint, tmp_path / "o", *extra)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_convert_a_missing_model_path_exits_2_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        convert(tmp_path / "no_such_model", tmp_path / "o")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--model-path {tmp_path / 'no_such_model'}: not a local checkpoint" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_retrofit_flag_errors_exit_2_with_one_line(tiny_llama_dir, tmp_path, capsys):
+    """--out that is a file (was a raw FileExistsError after the model fetch), an --option without `=` (was
+    argparse's usage of an empty parser) and --option max_position_embeddings (a config key, not a method option)."""
+    from hf_posenc import retrofit
+    from tiny_models import TEXT
+
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    base = ["--model", str(tiny_llama_dir), "--method", "alibi", "--data", str(TEXT), "--heldout", str(TEXT),
+            "--other-heldout", "none", "--out"]
+    for extra, message in (
+        ([str(afile)], f"--out {afile} is an existing file, not a folder; choose another --out"),
+        ([str(tmp_path / "o"), "--option", "factor"], "--option expects KEY=VALUE"),
+        ([str(tmp_path / "o"), "--option", "max_position_embeddings=256"], "--option max_position_embeddings=... is not a method option; set"),
+    ):
+        assert retrofit.main(base + extra) == 2
+        assert f"hf-posenc retrofit: error: {message}" in capsys.readouterr().err
+    assert afile.read_text() == "not a folder" and not (tmp_path / "o").exists()

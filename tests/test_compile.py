@@ -34,3 +34,21 @@ def test_static_generate_compiles_once(family, case):
     second = model.generate(prompt, compile_config=compile_config(), **kwargs)
     assert counters["frames"]["total"] == 0  # warm: nothing compiles
     assert torch.equal(first, expected) and torch.equal(second, expected)
+
+
+@pytest.mark.parametrize("family, case", [("gpt2", "alibi"), ("llama", "rope-partial")])
+def test_static_generate_at_batch_two_never_recompiles(family, case):
+    """The cache's stored positions keep one row per batch row from the prefill on (a compiled step cannot share
+    rows), so the second decode step sees the shapes the first compiled."""
+    model = converted(family, case)
+    prompt = ids(2, 12)  # equal position rows: an eager prefill could share them as one
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    expected = model.generate(prompt, **kwargs)
+    config = compile_config()
+    config.fullgraph = True
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = model.generate(prompt, compile_config=config, **kwargs)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(compiled, expected)

@@ -23,6 +23,7 @@ import hf_posenc
 from hf_posenc import cli
 from hf_posenc.exporters import plan_export
 from hf_posenc.exporters.bert_roformer import interleaving
+from hf_posenc.exporters.onnx import mask_position_ids
 
 TOLERANCE = 1e-4
 LENGTHS = (20, OLD_LIMIT + 36)  # inside and past the old limit
@@ -58,8 +59,9 @@ for name, (folder, kind, causal) in cases.items():
     if kind == "onnx":
         import onnxruntime
         session = onnxruntime.InferenceSession(folder + "/model.onnx", providers=["CPUExecutionProvider"])
-        results[name] = {"onnx": [torch.from_numpy(session.run(None, {"input_ids": x.numpy(),
-                                  "attention_mask": m.numpy()})[0]) for x, m in inputs["onnx"]]}
+        names = [node.name for node in session.get_inputs()]
+        results[name] = {"onnx": [torch.from_numpy(session.run(None, {n: feeds[n].numpy() for n in names})[0])
+                                  for feeds in inputs["onnx"]]}
         continue
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForMaskedLM
     model = auto.from_pretrained(folder).eval()
@@ -85,15 +87,16 @@ def ids(length: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randint(4, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def onnx_inputs() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Several lengths, past the old limit too (dynamic YaRN: scale 1, 1.6 and 4); the second row left-padded."""
-    pairs = []
+def onnx_inputs() -> list[dict[str, torch.Tensor]]:
+    """Several lengths, past the old limit too (dynamic YaRN: scale 1, 1.6 and 4); the second row left-padded, its
+    positions counted from its first token (what the graph's position_ids input is for)."""
+    feeds = []
     for length in (5, 40, OLD_LIMIT + 36, 4 * OLD_LIMIT):
         x = ids(length, seed=length)
         mask = torch.ones_like(x)
         mask[1, : length // 4] = 0
-        pairs.append((x, mask))
-    return pairs
+        feeds.append({"input_ids": x, "attention_mask": mask, "position_ids": mask_position_ids(mask)})
+    return feeds
 
 
 @pytest.fixture(scope="module")
@@ -156,12 +159,12 @@ def test_native_export_matches_in_a_fresh_interpreter(name, exported, fresh_resu
 def test_onnx_export_matches_with_onnxruntime(name, exported, fresh_results):
     model, folder = exported[name]
     assert (folder / "model.onnx").is_file() and (folder / "README.md").is_file()
-    for (x, mask), logits in zip(onnx_inputs(), fresh_results[name]["onnx"]):
+    for feeds, logits in zip(onnx_inputs(), fresh_results[name]["onnx"]):
         with torch.no_grad():
-            expected = model(input_ids=x, attention_mask=mask)[0]
+            expected = model(**feeds)[0]
         assert logits.shape == expected.shape
-        kept = mask.bool()  # padded positions' outputs are not defined
-        assert (logits - expected)[kept].abs().max() <= TOLERANCE, (name, x.shape)
+        kept = feeds["attention_mask"].bool()  # padded positions' outputs are not defined
+        assert (logits - expected)[kept].abs().max() <= TOLERANCE, (name, kept.shape)
 
 
 def test_the_tokenizer_travels_with_the_export(fresh_results, exported):

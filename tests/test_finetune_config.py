@@ -185,3 +185,40 @@ def test_adam_family_takes_the_fused_kernel_unless_the_config_says_otherwise():
     reference = trained(TrainConfig(lr=1e-2, optimizer_args={"fused": False}))
     assert not torch.equal(reference, trained(TrainConfig(lr=1e-3, optimizer_args={"fused": False})))
     torch.testing.assert_close(trained(TrainConfig(lr=1e-2)), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_config_syntax_errors_name_the_file_and_the_fix(tmp_path, capsys):
+    """A YAML syntax error in the config file or in a flag value, and a bare --config: one line, exit 2 (was a
+    raw yaml traceback that named neither the file nor the flag)."""
+    main = recipe_main()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\ndata: {files: [t.txt]\nmax_steps: 3\n")
+    for argv, message in (
+        (["--config", str(bad)], f"config file {bad} is not valid YAML: "),
+        (["--model", "m", "--eval_multipliers", "[1,2"], "--eval_multipliers '[1,2' is not a valid YAML value"),
+        (["--config", "--max_steps", "3"], "--config needs a YAML file"),
+        (["--config", str(tmp_path)], f"config file {tmp_path} is a folder"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"finetune: error: {message}" in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(ConfigError, match=r"line 3, column 1; fix the YAML syntax"):
+        load_config(bad)
+
+
+def test_max_position_embeddings_in_method_options_names_the_top_level_key():
+    with pytest.raises(ConfigError, match="not a method option; set the top-level key max_position_embeddings"):
+        load_config(overrides={**BASE, "method_options": {"max_position_embeddings": 128}})
+
+
+def test_an_output_dir_that_is_a_file_exits_2_and_stays(tmp_path, capsys):
+    """Was a raw FileExistsError from the output lock's mkdir; a file in the way of a parent too."""
+    main = recipe_main()
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for out, message in ((afile, "is an existing file, not a folder"), (afile / "sub", "cannot be created")):
+        argv = ["--model", "m", "--method", "alibi", "--data.files", "[t.txt]", "--output_dir", str(out)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"finetune: error: output_dir {out} {message}" in err and "choose another output_dir" in err
+    assert afile.read_text() == "not a folder"

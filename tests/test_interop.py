@@ -350,7 +350,8 @@ def test_deepcopy_and_pickle_keep_the_method_with_its_model(tmp_path):
 LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "bert": ["query", "value"]}
 
 
-@pytest.mark.parametrize("family,method", [("gpt2", "t5"), ("llama", "shaw"), ("bert", "t5")])
+@pytest.mark.parametrize("family,method", [("gpt2", "t5"), ("llama", "shaw"), ("bert", "t5"), ("gpt2", "learned"),
+                                           ("llama", "learned")])
 def test_lora_with_learned_positions_trains_saves_reloads_and_merges(family, method, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -387,6 +388,43 @@ def test_lora_with_learned_positions_trains_saves_reloads_and_merges(family, met
     torch.testing.assert_close(merged(x).logits, expected, atol=1e-5, rtol=0)
     merged.save_pretrained(tmp_path / "merged")  # and the merged model is a converted checkpoint again
     torch.testing.assert_close(hf_posenc.from_pretrained(tmp_path / "merged")(x).logits, expected, atol=1e-5, rtol=0)
+
+
+# every method with parameters, and each way the model reaches them: attention (t5, shaw, fire, transformer_xl),
+# the learned table's stand-in (GPT-2, OPT) and the embedding added before a Llama-style model's first layer
+TRAINED_METHODS = [("gpt2", "learned"), ("opt", "learned"), ("llama", "learned"), ("gpt2", "t5"), ("bert", "shaw"),
+                   ("gpt2", "fire"), ("llama", "transformer_xl")]
+LORA_TARGETS_MORE = {**LORA_TARGETS, "opt": ["q_proj", "v_proj"]}
+
+
+def test_every_method_with_parameters_is_trained_below():
+    with_parameters = {m for m in hf_posenc.available_methods()
+                       if list(hf_posenc.convert(tiny_model("gpt2"), m).base_model.posenc.parameters())}
+    assert with_parameters == {method for _, method in TRAINED_METHODS}
+
+
+@pytest.mark.parametrize("peft", [True, False], ids=["lora_modules_to_save", "full"])
+@pytest.mark.parametrize("family,method", TRAINED_METHODS)
+def test_one_step_on_the_position_parameters_changes_the_output(family, method, peft):
+    """docs/interop.md: ``modules_to_save=["posenc"]`` trains the method's parameters (PEFT's copy of them is the
+    one the model uses), as a full fine-tune does. Only they step here, so only they can change the output."""
+    from peft import LoraConfig, get_peft_model
+
+    model = hf_posenc.convert(tiny_model(family, **NO_DROPOUT.get(family, {})), method)
+    if peft:
+        lora = LoraConfig(target_modules=LORA_TARGETS_MORE[family], fan_in_fan_out=family == "gpt2",
+                          modules_to_save=["posenc"])
+        model = get_peft_model(model, lora)
+    x = ids(24)
+    model.eval()  # no dropout: the two outputs differ by the step alone
+    before = model(x).logits.detach()
+    position_parameters = [p for n, p in model.named_parameters() if ".posenc." in n and p.requires_grad]
+    assert position_parameters
+    optimizer = torch.optim.Adam(position_parameters, lr=1e-2)
+    model(x).logits.float().pow(2).mean().backward()
+    optimizer.step()
+    change = (model(x).logits.detach() - before).abs().max()
+    assert change > 1e-4, f"one step on the {method} parameters changed the logits by {float(change)}"
 
 
 # ---- training and numerics --------------------------------------------------------------------------------

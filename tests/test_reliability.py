@@ -256,3 +256,30 @@ def test_a_compiled_model_is_refused_with_the_fix():
     with pytest.raises(TypeError, match="got OptimizedModule wrapping a GPT2LMHeadModel.*then wrap or compile it"):
         hf_posenc.convert(torch.compile(model), "alibi")
     assert not hf_posenc.is_converted(model)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", ["opt", "roberta"])
+def test_learned_runs_a_padded_batch_whose_pads_sit_before_position_zero(family, side):
+    """OPT and RoBERTa put pad tokens at position -1 (before the first table row); hidden by the attention mask,
+    their position changes nothing, so ``learned`` runs the batch as the unconverted model does. A position before
+    the first row on a token the mask shows is still refused."""
+    model = hf_posenc.convert(tiny_model(family), "learned").eval()
+    pad, real, n_pad = model.config.pad_token_id, ids(12)[0], 5
+    padding = torch.full((n_pad,), pad)
+    row = torch.cat([padding, real]) if side == "left" else torch.cat([real, padding])
+    batch = torch.stack([row, ids(len(row))[0].roll(1)])
+    mask = torch.ones_like(batch)
+    mask[0] = batch[0] != pad
+    with torch.no_grad():
+        logits = model(batch, attention_mask=mask).logits
+        alone = model(real[None]).logits
+    torch.testing.assert_close(logits[0][mask[0].bool()], alone[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[1], model(batch[1:]).logits[0], atol=1e-5, rtol=0)
+    first_row = pad + 1 if family == "roberta" else 0  # the position id of the first token
+    refused = "before the learned table's first row.*attention_mask"
+    with pytest.raises(ValueError, match=refused):
+        model(batch[:1], position_ids=torch.arange(-1, len(row) - 1)[None] + first_row)
+    if family == "roberta":  # pads found by their id, no mask: attended, at position -1
+        with pytest.raises(ValueError, match=refused):
+            model(batch[:1])

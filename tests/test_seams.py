@@ -194,3 +194,22 @@ def test_lm_eval_hflm_reads_rank_and_world_size_from_its_private_fields():
     lm = HFLM.__new__(HFLM)  # no model: only the two properties are under test
     lm._rank, lm._world_size = 3, 4
     assert (lm.rank, lm.world_size) == (3, 4)
+
+
+@pytest.mark.parametrize("rope_parameters", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    {"rope_type": "linear", "factor": 4.0}, {"rope_type": "dynamic", "factor": 4.0},
+], ids=lambda p: p["rope_type"])
+def test_rope_init_functions_read_the_throwaway_config_as_a_models_rotary_does(rope_parameters):
+    """hf_posenc computes a scaled checkpoint's frequencies from a throwaway config (_seams.rope_init_config): they
+    must be the ones the model's own rotary module holds, its cos/sin scale included."""
+    model = tiny_model("llama", rope_parameters={"rope_theta": 1e4, **rope_parameters})
+    rotary, config = model.model.rotary_emb, model.config
+    throwaway = _seams.rope_init_config(config.rope_parameters, config.head_dim, config.num_attention_heads,
+                                        config.max_position_embeddings)
+    inv_freq, scale = _seams.rope_frequencies(throwaway)
+    use = "for a checkpoint's own scaled RoPE (methods/rope.py)"
+    assert torch.equal(inv_freq, rotary.inv_freq.float()), moved("ROPE_INIT_FUNCTIONS' config fields", use)
+    assert scale == rotary.attention_scaling, moved("ROPE_INIT_FUNCTIONS' attention factor", use)

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..method_ref import MethodRef
+
 
 def embedding_call(input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Embedding.forward's own name
     """How GPT-2 / BERT call their position table: ``table(position_ids)``. Returns the position ids."""
@@ -141,16 +143,18 @@ class ZeroPositions(TablePositions):
 
 
 class MethodPositions(TablePositions):
-    """Stands in for a learned position table with an absolute method's ``embed`` (e.g. sinusoidal). The method is
-    held unregistered (it lives under base_model.posenc)."""
+    """Stands in for a learned position table with an absolute method's ``embed`` (e.g. sinusoidal, learned). The
+    method lives under base_model.posenc and is looked up there at each call (``method``: a
+    :class:`~hf_posenc.method_ref.MethodRef`), so a module that replaces it (PEFT's trainable copy,
+    ``modules_to_save=["posenc"]``) is the one that embeds."""
 
-    def __init__(self, method: nn.Module, dtype: torch.dtype, table_call: Callable[..., torch.Tensor] = embedding_call,
+    def __init__(self, method: MethodRef, dtype: torch.dtype, table_call: Callable[..., torch.Tensor] = embedding_call,
                  offset: int = 0):
         super().__init__(table_call, offset, dtype)
-        self.__dict__["method"] = method
+        self.method = method  # not a module: unregistered
 
     def embed(self, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.method.embed(position_ids).to(self.dtype_ref.dtype)  # (B, L, E)
+        return self.method.get().embed(position_ids).to(self.dtype_ref.dtype)  # (B, L, E)
 
 
 class IdentityRotary(nn.Module):
@@ -171,14 +175,15 @@ class IdentityRotary(nn.Module):
 
 class EmbedBeforeFirstLayer:
     """Forward pre-hook: adds an absolute method's embedding to the hidden states entering layer 0
-    (Llama-style models have no position table to replace)."""
+    (Llama-style models have no position table to replace). ``method``: where the method lives, looked up at each
+    call (see :class:`MethodPositions`)."""
 
-    def __init__(self, method: nn.Module):
+    def __init__(self, method: MethodRef):
         self.method = method
 
     def __call__(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        hidden = hidden + self.method.embed(kwargs["position_ids"]).to(hidden.dtype)  # (B, L, E)
+        hidden = hidden + self.method.get().embed(kwargs["position_ids"]).to(hidden.dtype)  # (B, L, E)
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}

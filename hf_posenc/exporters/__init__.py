@@ -3,7 +3,7 @@
     hf_posenc.export(model, "out", format="auto")   # native transformers where exact, else ONNX
 """
 
-from .api import FORMATS, export, plan_export
+from .api import FORMATS, ExportFailed, export, plan_export
 from .table import NATIVE, NOT_NATIVE
 
-__all__ = ["FORMATS", "NATIVE", "NOT_NATIVE", "export", "plan_export"]
+__all__ = ["FORMATS", "NATIVE", "NOT_NATIVE", "ExportFailed", "export", "plan_export"]

@@ -2,14 +2,16 @@
 without hf_posenc: a native transformers architecture where one is exact (:mod:`.table`), else ONNX (:mod:`.onnx`).
 
 Everything is checked before anything is written; the folder is built beside ``out_dir`` and renamed into place
-(complete or absent). Before it is published, the export is run against the converted model on a short probe
-(native: transformers; ONNX: onnxruntime, when installed) and refused if the logits differ.
+(complete or absent). Before it is published, the export is run against the converted model on a probe past every
+threshold of the model (:mod:`.probe`; native: transformers; ONNX: onnxruntime, when installed) and refused if the
+logits differ.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +21,18 @@ from torch import nn
 from .._fs import check_output_dir, replaced_dir
 from ..config import is_converted
 from . import onnx as onnx_export
-from .common import family, posenc
+from .common import family, posenc, thresholds
+from .probe import probe_inputs
 from .readme import write_readme
 from .table import NATIVE, NOT_NATIVE, NativeMapping, native_pairs
 
 FORMATS = ("auto", "native", "onnx")
-TOLERANCE = 1e-4  # max |logit difference| of an fp32 export on the probe
-PROBE_TOKENS = 24  # tokens of the export-time probe (the tests check long inputs)
+TOLERANCE = 1e-4  # max |logit difference| of an fp32 export on the probe (probe.py: past every threshold)
+
+
+class ExportFailed(ValueError):
+    """An export that could not be made, or that computes something else than the converted model: nothing was
+    written (a ValueError, so the CLIs report it in one line with exit code 2)."""
 
 
 @dataclass
@@ -97,43 +104,49 @@ def _why_not_native(model: nn.Module, key: tuple[str, str], mapping: NativeMappi
 
 def _write(model: nn.Module, plan: Plan, folder: Path) -> dict:
     """Write the model files into ``folder``, run them on the probe; returns what was made and measured."""
-    input_ids, attention_mask = _probe(model)
+    positioned = plan.mapping.takes_position_ids if plan.format == "native" else onnx_export.takes_position_ids(model)
+    inputs = probe_inputs(model, positioned)
     with torch.no_grad():
-        reference = model(input_ids=input_ids, attention_mask=attention_mask)[0]
+        reference = model(**inputs)[0]
         write = _write_native if plan.format == "native" else _write_onnx
-        made, exported = write(model, plan, folder, input_ids, attention_mask)
-    made["tokens"] = input_ids.shape[-1]
+        made, exported = write(model, plan, folder, inputs)
+    made.update(tokens=inputs["input_ids"].shape[-1], last_position=_last_position(inputs),
+                thresholds=thresholds(model))
     if exported is None:
         return {**made, "checked": False}
     difference = float((exported.float() - reference.float()).abs().max())
     tolerance = TOLERANCE if reference.dtype == torch.float32 else 1e-2 * float(reference.abs().max())
     if not difference <= tolerance:  # nan-safe
-        raise RuntimeError(f"the {plan.format} export's logits differ from the converted model's by {difference:.3g} "
-                           f"(> {tolerance:.3g}) on a {input_ids.shape[-1]}-token probe; nothing was written")
+        raise ExportFailed(f"the {plan.format} export's logits differ from the converted model's by {difference:.3g} "
+                           f"(> {tolerance:.3g}) on a {made['tokens']}-token probe reaching position "
+                           f"{made['last_position']}; nothing was written")
     return {**made, "checked": True, "max_difference": difference}
 
 
-def _write_native(model, plan: Plan, folder: Path, input_ids, attention_mask) -> tuple[dict, torch.Tensor]:
+def _last_position(inputs: dict[str, torch.Tensor]) -> int:
+    return int(inputs["position_ids"].max()) if "position_ids" in inputs else inputs["input_ids"].shape[-1] - 1
+
+
+def _write_native(model, plan: Plan, folder: Path, inputs: dict) -> tuple[dict, torch.Tensor]:
     target = plan.mapping.build(model)
     if model.can_generate() and target.can_generate():
         target.generation_config = copy.deepcopy(model.generation_config)
     target.save_pretrained(folder)
-    return {"class": type(target).__name__}, target(input_ids=input_ids, attention_mask=attention_mask)[0]
+    return {"class": type(target).__name__}, target(**inputs)[0]
 
 
-def _write_onnx(model, plan: Plan, folder: Path, input_ids, attention_mask) -> tuple[dict, torch.Tensor | None]:
-    path = onnx_export.write_onnx(model, folder)
+def _write_onnx(model, plan: Plan, folder: Path, inputs: dict) -> tuple[dict, torch.Tensor | None]:
+    try:
+        path = onnx_export.write_onnx(model, folder)
+        exported = onnx_export.onnx_logits(path, inputs) if _have_onnxruntime() else None
+    except Exception as err:  # torch.export / onnxscript / onnxruntime: long multi-line reports, varied types
+        report = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch's reports are coloured
+        first_line = next((line for line in report.splitlines() if line.strip()), type(err).__name__)
+        raise ExportFailed(f"the ONNX export of {family(model)} + {posenc(model)['method']} failed "
+                           f"({type(err).__name__}: {first_line.strip()[:300]}); nothing was written. Please report "
+                           "it with the full error (hf_posenc.export(...) raises it with this one's cause)") from err
     model.config.save_pretrained(folder)  # what the graph was made from (loads with hf_posenc)
-    exported = onnx_export.onnx_logits(path, input_ids, attention_mask) if _have_onnxruntime() else None
     return {"class": None}, exported
-
-
-def _probe(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    length = min(PROBE_TOKENS, posenc(model)["max_position_embeddings"])
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, model.config.vocab_size, (1, length), generator=generator)
-    device = next(model.parameters()).device
-    return input_ids.to(device), torch.ones_like(input_ids, device=device)
 
 
 def _have_onnxruntime() -> bool:

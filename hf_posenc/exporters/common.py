@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -58,12 +61,52 @@ def rope_parameters(model: nn.Module) -> dict:
 
 def rope_limit(model: nn.Module) -> int:
     """``max_position_embeddings`` of a rope export, as transformers reads it per rope_type: dynamic NTK takes it as
-    the trained context (as hf_posenc's own rotary did); yarn checks it against factor x trained context (and warns
-    otherwise); the others ignore it, and get the converted model's limit."""
+    the trained context (hf_posenc's ``original_max_positions``, which may differ from the model's old limit);
+    yarn checks it against factor x trained context (and warns otherwise); the others ignore it, and get the
+    converted model's limit."""
     entry = posenc(model)
-    options, trained = entry["options"], entry["original_max_position_embeddings"]
+    options = entry["options"]
+    trained = options["original_max_positions"]  # the context the scaling is relative to (not the old limit)
     if options["scaling"] == "dynamic":
         return trained
     if options["scaling"] == "yarn" and float(options["factor"] * trained).is_integer():
         return int(options["factor"] * trained)
     return entry["max_position_embeddings"]
+
+
+def _option(name: str) -> Callable[[nn.Module], float | None]:
+    return lambda model: posenc(model)["options"].get(name)
+
+
+def _checkpoint_context(model: nn.Module) -> float | None:
+    """The trained context of a checkpoint's own scaled rotary (``checkpoint_rope``), where it names one."""
+    return (posenc(model)["options"].get("checkpoint_rope") or {}).get("original_max_position_embeddings")
+
+
+def _fire_threshold(model: nn.Module) -> float:
+    """FIRE's threshold |L| as it is now (learnable: not the option's initial value)."""
+    return abs(float(position_method(model).threshold.detach()))
+
+
+# the positions (or distances) past which each method computes something it does not compute below them; every
+# method also has the model's old limit. The export's self-check runs past all of them (probe.py). self_extend and
+# rerope (their window) are not exported at all
+METHOD_THRESHOLDS: dict[str, dict[str, Callable[[nn.Module], float | None]]] = {
+    "rope": {"original_max_positions": _option("original_max_positions"),
+             "the checkpoint rotary's original_max_position_embeddings": _checkpoint_context},
+    "t5": {"max_distance": _option("max_distance")},
+    "shaw": {"max_distance": _option("max_distance")},
+    "fire": {"threshold": _fire_threshold},
+}
+
+
+def thresholds(model: nn.Module) -> dict[str, int]:
+    """Name -> the position (or distance) where the converted model's position function changes regime: the
+    model's old limit, and each of its method's (:data:`METHOD_THRESHOLDS`)."""
+    entry = posenc(model)
+    found = {"the model's old limit": int(entry["original_max_position_embeddings"])}
+    for name, read in METHOD_THRESHOLDS.get(entry["method"], {}).items():
+        value = read(model)
+        if value is not None:
+            found[name] = math.ceil(value)
+    return found

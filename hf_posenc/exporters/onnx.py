@@ -1,7 +1,8 @@
 """Any converted model -> an ONNX graph (``torch.onnx.export(..., dynamo=True)``) of its full forward.
 
-Inputs ``input_ids`` and ``attention_mask`` (B, L) int64, output the model's first output (logits (B, L, V) for an
-LM head), with dynamic batch and sequence axes; no KV cache (each call is a full forward). The graph is traced
+Inputs ``input_ids``, ``attention_mask`` and (every family but OPT and RoBERTa, which derive their own)
+``position_ids``, (B, L) int64; output the model's first output (logits (B, L, V) for an LM head), with dynamic
+batch and sequence axes; no KV cache (each call is a full forward). The graph is traced
 with the ``eager`` backend (explicit softmax attention: one graph for every method; the query-block kernels pick
 per length, which a graph with a symbolic length cannot). Dynamic YaRN traces as tensor ops of the input length
 (``Rope._traced_dynamic_yarn``). Refused: dynamic NTK (``scaling="dynamic"``): its frequencies are chosen per length
@@ -47,6 +48,24 @@ def refusal(model: nn.Module) -> str | None:
     return None
 
 
+def takes_position_ids(model: nn.Module) -> bool:
+    """Whether the graph takes ``position_ids``: every family that counts positions as key indices when given none
+    (so a left-padded row needs them); OPT and RoBERTa derive their own from the mask / the padding tokens
+    (``ArchSpec.derive_position_ids``), and their graphs take only ``input_ids`` and ``attention_mask``."""
+    return arch_for(model.config).derive_position_ids is None
+
+
+def input_names(model: nn.Module) -> tuple[str, ...]:
+    return INPUT_NAMES + (("position_ids",) if takes_position_ids(model) else ())
+
+
+def mask_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) position ids from a 2-D mask: the attended tokens counted from 0 (left pads at 0, right pads
+    repeating the last position; pads are never attended). What to feed the graph's ``position_ids`` for a padded
+    batch (numpy: ``np.maximum(mask.cumsum(-1) - 1, 0)``)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 class FirstOutput(nn.Module):
     """(input_ids, attention_mask) -> the model's first output, without a cache."""
 
@@ -59,6 +78,15 @@ class FirstOutput(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **self.cache_kwargs)[0]
 
 
+class PositionedOutput(FirstOutput):
+    """(input_ids, attention_mask, position_ids) -> the model's first output, without a cache."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          **self.cache_kwargs)[0]
+
+
 @contextlib.contextmanager
 def eager_backend(model: nn.Module):
     before = get_backend(model)
@@ -69,34 +97,39 @@ def eager_backend(model: nn.Module):
         set_backend(model, before)
 
 
-def example_inputs(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(2, 16): sizes above 1, so the exporter keeps both axes symbolic."""
+def example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
+    """(2, 16) each: sizes above 1, so the exporter keeps both axes symbolic; the second row left-padded."""
     device = next(model.parameters()).device
     input_ids = torch.randint(0, model.config.vocab_size, (2, 16), device=device)
-    return input_ids, torch.ones_like(input_ids)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0
+    if not takes_position_ids(model):
+        return input_ids, attention_mask
+    return input_ids, attention_mask, mask_position_ids(attention_mask)
 
 
 def write_onnx(model: nn.Module, folder: Path) -> Path:
     batch = torch.export.Dim("batch", min=1)
     length = torch.export.Dim("sequence", min=1)
-    axes = {0: batch, 1: length}
+    names = input_names(model)
+    wrapper = PositionedOutput(model) if takes_position_ids(model) else FirstOutput(model)
     with eager_backend(model), torch.no_grad(), warnings.catch_warnings():
         for message in QUIET:
             warnings.filterwarnings("ignore", message=message)
         program = torch.onnx.export(
-            FirstOutput(model).eval(), example_inputs(model), dynamo=True, verbose=False,
-            input_names=list(INPUT_NAMES), output_names=["logits"],
-            dynamic_shapes={"input_ids": axes, "attention_mask": axes},
+            wrapper.eval(), example_inputs(model), dynamo=True, verbose=False,
+            input_names=list(names), output_names=["logits"],
+            dynamic_shapes={name: {0: batch, 1: length} for name in names},
         )
     path = folder / FILE_NAME
     program.save(str(path))
     return path
 
 
-def onnx_logits(path: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Run the graph with onnxruntime (CPU)."""
+def onnx_logits(path: Path, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Run the graph with onnxruntime (CPU) on the named inputs it takes."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": input_ids.cpu().numpy(), "attention_mask": attention_mask.cpu().numpy()}
+    feeds = {node.name: inputs[node.name].cpu().numpy() for node in session.get_inputs()}
     return torch.from_numpy(session.run(None, feeds)[0])

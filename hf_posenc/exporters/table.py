@@ -24,20 +24,23 @@ class NativeMapping:
     head_classes: tuple[str, ...] | None  # source classes it covers; None = every class of the family
     refusal: Callable[[nn.Module], str | None]
     build: Callable[[nn.Module], nn.Module]
+    # the target's forward takes position_ids (the self-check then probes far positions with 24 tokens, probe.py)
+    takes_position_ids: bool
 
 
 NATIVE: dict[tuple[str, str], NativeMapping] = {
     ("llama", "rope"): NativeMapping(
-        "llama", "rope", "the family's own config with rope_parameters", None, llama_rope.refusal, llama_rope.build),
+        "llama", "rope", "the family's own config with rope_parameters", None, llama_rope.refusal, llama_rope.build,
+        takes_position_ids=True),
     ("gpt2", "rope"): NativeMapping(
         "gpt2", "rope", "GPT-NeoX (GPTNeoXForCausalLM, use_parallel_residual=False)", ("GPT2LMHeadModel",),
-        gpt2_neox.refusal, gpt2_neox.build),
+        gpt2_neox.refusal, gpt2_neox.build, takes_position_ids=True),
     ("gpt2", "alibi"): NativeMapping(
         "gpt2", "alibi", "BLOOM (BloomForCausalLM; embedding LayerNorm made an identity up to the mean)",
-        ("GPT2LMHeadModel",), gpt2_bloom.refusal, gpt2_bloom.build),
+        ("GPT2LMHeadModel",), gpt2_bloom.refusal, gpt2_bloom.build, takes_position_ids=False),  # from the mask
     ("bert", "rope"): NativeMapping(
         "bert", "rope", "RoFormer (RoFormerForMaskedLM)", ("BertForMaskedLM",), bert_roformer.refusal,
-        bert_roformer.build),
+        bert_roformer.build, takes_position_ids=False),  # positions are key indices
 }
 
 NOT_NATIVE: dict[tuple[str, str], str] = {}  # pairs one might expect natively that have no exact target

@@ -32,6 +32,9 @@ class ModelShape:
     original_max_positions: int
     native_rotary: bool = False  # the family applies RoPE itself (Llama-style); False for GPT-2 / BERT
     native_rope_theta: float | None = None
+    # the model's own config.rope_parameters (rope_type, theta, a scaling's fields), None without a native rotary or
+    # when rebuilt from a converted checkpoint (its config then holds the conversion's rotary, not the checkpoint's)
+    native_rope_parameters: dict | None = field(default=None, hash=False)
     replaced_position_rms: float | None = None  # RMS of the learned position table being removed, if any
     token_embedding_rms: float | None = None
     weights_known: bool = True  # False on the meta device: the *_rms statistics above are then None

@@ -103,11 +103,14 @@ class Fire(PositionMethod):
         return psi(distance, c) / (psi(normaliser, c) + EPS)
 
     def score_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():  # one chunk: a loop over a symbolic length would fix it to the example's
+            return self._bias_rows(q_pos, k_pos)
         # query rows in chunks: the MLP's hidden layer is W floats per (i, j) pair
         rows = max(1, CHUNK_ELEMENTS // max(1, k_pos.shape[-1] * self.options.width * q_pos.shape[0]))
-        dtype = self.mlp[0].weight.dtype
-        parts = []
-        for start in range(0, q_pos.shape[-1], rows):
-            x = self.normalised_distance(q_pos[:, start : start + rows], k_pos)  # (P, c, Lk)
-            parts.append(self.mlp(x[..., None].to(dtype)).permute(0, 3, 1, 2).float())  # (P, H, c, Lk)
+        parts = [self._bias_rows(q_pos[:, start : start + rows], k_pos) for start in range(0, q_pos.shape[-1], rows)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (P, H, Lq, Lk)
+
+    def _bias_rows(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """(P, H, c, Lk) fp32 for the c query positions ``q_pos`` (P, c)."""
+        x = self.normalised_distance(q_pos, k_pos)  # (P, c, Lk)
+        return self.mlp(x[..., None].to(self.mlp[0].weight.dtype)).permute(0, 3, 1, 2).float()

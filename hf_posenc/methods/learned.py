@@ -71,11 +71,14 @@ class Learned(PositionMethod):
             self.table.weight.copy_(extended_table(table.to(self.table.weight.device), rows, self.options.extend))
 
     def embed(self, position_ids: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():  # the range checks read values, which a traced graph (ONNX) has not
+            return self.table(position_ids)  # (B|1, L, E)
         rows = self.table.num_embeddings
         if position_ids.numel() and int(position_ids.min()) < 0:
             raise ValueError(
                 f"position {int(position_ids.min())} is before the learned table's first row: position ids start at "
-                "0 at the first token (RoBERTa: at padding_idx + 1, as the model counts them)"
+                "0 at the first token (RoBERTa: at padding_idx + 1, as the model counts them); pass the attention_mask "
+                "that hides pad tokens (their positions are then ignored)"
             )
         if position_ids.numel() and int(position_ids.max()) >= rows:
             raise ValueError(

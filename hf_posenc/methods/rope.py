@@ -11,8 +11,17 @@ the arch re-configures the native rotary with :meth:`Rope.native_rope_parameters
 pretrained model is unchanged there); past it YaRN x s, up to ``factor``. A faster growth interpolates the low
 frequencies further than the input needs, which on SmolLM2 finds a passkey 16k tokens back that s = L / L_train
 loses (docs/extrapolation.md §2d). transformers has no native equivalent, so
-it rotates in attention on every family; cached keys are re-rotated with the current scale, so a cache matches
-the full forward at every length.
+it rotates in attention on every family; cached keys are re-rotated with the current scale (a cache equals the full
+forward inside the trained context; past it the cached tokens' deeper states keep the scale they were written at:
+docs/guarantees.md).
+
+**A checkpoint that already scales its RoPE** (``config.rope_parameters`` with a ``rope_type`` other than
+``default``: Llama 3.x ``llama3``, ``linear``, ``yarn``, ``dynamic``, ``longrope``) is the rotary a conversion starts
+from (option ``checkpoint_rope``, filled in from the model): with ``scaling=None`` its own frequencies and cos/sin
+scale, so the converted model is the unconverted one; a scaling goes on top, multiplying each pair's frequency by
+the factor that scaling applies to the same pair of an unscaled rotary at the checkpoint's theta (linear 1/factor,
+YaRN its ramp, NTK its new base) and the cos/sin scale by YaRN's. Frequencies that follow the input length
+(``dynamic``, ``longrope``) are kept as they are, with no scaling on top; other combinations are refused by name.
 
 ``mscale`` sets YaRN's attention temperature (Peng et al. 2023, eq. 22; DeepSeek-V2's ``mscale``): cos and sin are
 scaled by 0.1 * mscale * ln(s) + 1 at scale s, so every logit by its square. YaRN's value is 1 (fitted to LLaMA);
@@ -25,9 +34,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers import PretrainedConfig
 
-from .._seams import ROPE_INIT_FUNCTIONS
+from .._seams import ROPE_INIT_FUNCTIONS, rope_frequencies, rope_init_config
 from .base import Memo, MethodOptions, ModelShape, PositionMethod, PositionTerm, check_range, help_field, shared
 
 SCALINGS = ("linear", "dynamic", "yarn", "dynamic_yarn")
@@ -37,6 +45,11 @@ NATIVE_SCALINGS = (None, "linear", "dynamic", "yarn")  # what transformers' rope
 # the whole batch (a left-padded row would differ from the same row alone); we rotate per row in attention instead
 IN_PLACE_SCALINGS = (None, "linear", "yarn")
 YARN_SCALINGS = ("yarn", "dynamic_yarn")
+# a checkpoint's own rope_type (config.rope_parameters) a conversion keeps: one set of frequencies for every input (a
+# scaling can go on top), or frequencies that follow the input length (kept as they are: nothing on top)
+CHECKPOINT_STATIC = ("linear", "llama3", "yarn", "proportional")
+CHECKPOINT_BY_LENGTH = ("dynamic", "longrope")
+KEEP_UNSCALED = "pass checkpoint_rope={'rope_type': 'default'} to start from the unscaled rotary at its theta instead"
 
 
 def yarn_attention_factor(scale, mscale: float):
@@ -67,6 +80,11 @@ class RopeOptions(MethodOptions):
         1.0, "how fast Dynamic YaRN's scale grows past the trained context: s = clip(1 + growth * (L / L_train - 1), "
         "1, factor) (1: s = L / L_train; factor: transformers' dynamic NTK rule); 'dynamic_yarn' only; > 0"
     )
+    checkpoint_rope: dict | None = help_field(
+        None, "the checkpoint's own rotary that scaling starts from (its config.rope_parameters: rope_type, "
+        "rope_theta, factor, ...); None = the model's own (kept with the conversion, so a reload rebuilds the same "
+        "rotary); {'rope_type': 'default'}: the unscaled rotary at `theta`, dropping a checkpoint's scaling on purpose"
+    )
 
     def validate(self, shape=None):
         if self.theta is not None:
@@ -89,17 +107,83 @@ class RopeOptions(MethodOptions):
                              f"scaling='dynamic_yarn' with it (got scaling={self.scaling!r})")
         if shape is not None and rotary_dim(shape.head_dim, self.fraction) < 2:
             raise ValueError(f"option 'fraction'={self.fraction} leaves fewer than 2 of {shape.head_dim} dims to rotate")
+        given = self.checkpoint_rope
+        if given is not None and not (isinstance(given, dict) and isinstance(given.get("rope_type"), str)):
+            raise ValueError(f"option 'checkpoint_rope' must be a dict with a 'rope_type' (transformers' "
+                             f"rope_parameters), got {self.checkpoint_rope!r}")
+        checkpoint = self.checkpoint(shape)
+        if checkpoint is not None:
+            check_checkpoint_rope(self, checkpoint, shape)
+
+    def checkpoint(self, shape: ModelShape | None) -> dict | None:
+        """The scaled rotary the conversion starts from (None: the unscaled one)."""
+        given = self.checkpoint_rope
+        return scaled_rope(given if given is not None else shape.native_rope_parameters if shape else None)
 
     def resolve(self, shape: ModelShape) -> "RopeOptions":
+        checkpoint = self.checkpoint(shape)
+        own_theta = checkpoint.get("rope_theta") if checkpoint else shape.native_rope_theta
+        theta = self.theta if self.theta is not None else (own_theta or 10000.0)
         return RopeOptions(
-            theta=self.theta if self.theta is not None else (shape.native_rope_theta or 10000.0),
+            theta=theta,
             fraction=self.fraction,
             scaling=self.scaling,
             factor=self.factor,
             original_max_positions=self.original_max_positions or shape.original_max_positions,
             mscale=self.mscale,
             growth=self.growth,
+            checkpoint_rope=checkpoint and {"rope_theta": float(theta), **checkpoint},
         )
+
+
+def scaled_rope(rope_parameters: dict | None) -> dict | None:
+    """A model's ``config.rope_parameters`` as the rotary a conversion starts from: None for the unscaled one
+    (rope_type 'default', or no rotary); else its top-level entries (the per-layer ones a config may also hold are
+    not read by the supported families' rotaries, which read the top level)."""
+    if not rope_parameters:
+        return None
+    if "rope_type" not in rope_parameters:
+        raise ValueError(f"the model's rope_parameters are per layer type only ({sorted(rope_parameters)}): no "
+                         "supported family reads them; pass checkpoint_rope={'rope_type': 'default'} and theta=... "
+                         "to start from an unscaled rotary at a theta you give")
+    if rope_parameters["rope_type"] == "default":
+        return None
+    return {key: value for key, value in rope_parameters.items() if not isinstance(value, dict)}
+
+
+def check_checkpoint_rope(options: RopeOptions, checkpoint: dict, shape: ModelShape | None) -> None:
+    """Refuse what cannot start from the checkpoint's scaled rotary ``checkpoint``, naming the fix."""
+    kind = checkpoint["rope_type"]
+    if kind not in CHECKPOINT_STATIC + CHECKPOINT_BY_LENGTH:
+        raise ValueError(f"the checkpoint's rope_type {kind!r} is not one hf_posenc keeps "
+                         f"({list(CHECKPOINT_STATIC + CHECKPOINT_BY_LENGTH)}); {KEEP_UNSCALED}")
+    if kind in CHECKPOINT_BY_LENGTH and options.scaling is not None:
+        raise ValueError(f"the checkpoint's rope_type {kind!r} already scales with the input length, and "
+                         f"scaling={options.scaling!r} cannot go on top of it: convert with scaling=None to keep "
+                         f"it, or {KEEP_UNSCALED}")
+    if options.fraction != 1.0:
+        raise ValueError(f"option 'fraction'={options.fraction}: the checkpoint's {kind!r} rotary turns every dim; "
+                         f"convert with fraction=1.0 to keep it, or {KEEP_UNSCALED}")
+    theta = checkpoint.get("rope_theta")
+    if options.theta is not None and theta is not None and float(options.theta) != float(theta):
+        raise ValueError(f"option 'theta'={options.theta}: the checkpoint's {kind!r} rotary has theta {theta}; "
+                         f"leave theta unset to keep it, or {KEEP_UNSCALED}")
+    if shape is not None:
+        check_checkpoint_frequencies({"rope_theta": RopeOptions.resolve(options, shape).theta, **checkpoint}, shape)
+
+
+def check_checkpoint_frequencies(checkpoint: dict, shape: ModelShape) -> None:
+    """The checkpoint's frequencies computed once: one per pair of head dims, or refused."""
+    config = rope_init_config(checkpoint, shape.head_dim, shape.num_heads, shape.original_max_positions)
+    try:
+        inv_freq, _ = rope_frequencies(config)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+        raise ValueError(f"the checkpoint's rope_parameters {checkpoint} cannot be computed ({err!r}); "
+                         f"{KEEP_UNSCALED}") from None
+    if inv_freq.shape != (shape.head_dim // 2,):
+        raise ValueError(f"the checkpoint's {checkpoint['rope_type']!r} rotary gives {inv_freq.numel()} frequencies "
+                         f"for {shape.head_dim // 2} pairs of head dims (partial_rotary_factor?): the unconverted "
+                         f"model cannot run it either; {KEEP_UNSCALED}")
 
 
 def rotary_dim(head_dim: int, fraction: float) -> int:
@@ -120,28 +204,46 @@ class Rope(PositionMethod):
         super().__init__(options, shape)
         self.rot_dim = rotary_dim(shape.head_dim, options.fraction)
         # frequencies are recomputed in fp32 per forward (rot_dim/2 values): never rounded by .to(bfloat16)
-        self.rope_config = self._rope_config(self.native_rope_parameters())
+        self.rope_config = self._rope_config(self._scaling_parameters())
+        checkpoint = options.checkpoint_rope  # the checkpoint's scaled rotary; None: unscaled at theta
+        self.checkpoint_kind = checkpoint["rope_type"] if checkpoint else None
+        self.checkpoint_config = None if checkpoint is None else rope_init_config(
+            checkpoint, shape.head_dim, shape.num_heads, shape.original_max_positions)
 
-    def _rope_config(self, rope_parameters: dict) -> PretrainedConfig:
-        """A throwaway config in the form transformers' RoPE init functions read."""
-        config = PretrainedConfig(
-            hidden_size=self.shape.head_dim * self.shape.num_heads,
-            num_attention_heads=self.shape.num_heads,
-            head_dim=self.shape.head_dim,
-            max_position_embeddings=self.options.original_max_positions,
-        )
-        config.rope_parameters = rope_parameters
-        return config
+    def _rope_config(self, rope_parameters: dict):
+        """A throwaway config in the form transformers' RoPE init functions read, at the trained context."""
+        return rope_init_config(rope_parameters, self.shape.head_dim, self.shape.num_heads,
+                                self.options.original_max_positions)
 
     @property
     def rotate_in_attention(self) -> bool:
-        # the native rotary of a Llama-style model computes full rotary with the in-place scalings; partial
-        # rotary, dynamic NTK and dynamic YaRN are done by us, per row
-        native = self.options.fraction == 1.0 and self.options.scaling in IN_PLACE_SCALINGS
-        return not (self.shape.native_rotary and native)
+        # the native rotary of a Llama-style model computes full rotary with the in-place scalings of an unscaled
+        # checkpoint, or a scaled checkpoint's own static rotary; partial rotary, dynamic NTK, dynamic YaRN, frequencies
+        # that follow the length and any scaling on top of a scaled checkpoint are done by us, per row
+        opts, kind = self.options, self.checkpoint_kind
+        if kind is None:
+            native = opts.scaling in IN_PLACE_SCALINGS
+        else:
+            native = opts.scaling is None and kind in CHECKPOINT_STATIC
+        return not (self.shape.native_rotary and opts.fraction == 1.0 and native)
+
+    @property
+    def follows_length(self) -> bool:
+        """Whether the frequencies follow the input length (the dynamic scalings, or such a checkpoint)."""
+        return self.options.scaling in ("dynamic", "dynamic_yarn") or self.checkpoint_kind in CHECKPOINT_BY_LENGTH
 
     def native_rope_parameters(self) -> dict:
-        """``config.rope_parameters`` in transformers' format for these options."""
+        """``config.rope_parameters`` in transformers' format for these options: a scaled checkpoint's own with no
+        scaling; refused for a scaling on top of one (no transformers rope_type composes two)."""
+        if self.options.checkpoint_rope is None:
+            return self._scaling_parameters()
+        if self.options.scaling is None:
+            return dict(self.options.checkpoint_rope)
+        raise ValueError(f"scaling={self.options.scaling!r} on top of the checkpoint's {self.checkpoint_kind!r} "
+                         "rotary has no transformers rope_type (it is rotated by hf_posenc itself)")
+
+    def _scaling_parameters(self) -> dict:
+        """The scaling of these options on an unscaled rotary at ``theta``, in transformers' format."""
         opts = self.options
         kind = "yarn" if opts.scaling == "dynamic_yarn" else opts.scaling  # at its largest scale, for the record
         params = {"rope_type": kind or "default", "rope_theta": float(opts.theta)}
@@ -155,15 +257,34 @@ class Rope(PositionMethod):
         return params
 
     def _inv_freq(self, seq_len: int | None, device=None) -> tuple[torch.Tensor, float]:
-        """(inverse frequencies (rot_dim/2,), cos/sin scale) for inputs whose longest position is ``seq_len`` - 1."""
+        """(inverse frequencies (rot_dim/2,), cos/sin scale) for inputs whose longest position is ``seq_len`` - 1:
+        the checkpoint's, with the scaling on top (per pair, by its ratio to the unscaled rotary)."""
+        base, base_scale = self._checkpoint_frequencies(seq_len, device)
+        scaled = self._scaled_unscaled(seq_len, device)
+        if scaled is None:
+            return base, base_scale
+        inv_freq, scale = scaled
+        if self.checkpoint_config is None:  # base is the unscaled rotary
+            return inv_freq, scale
+        return base * (inv_freq.float() / self._unscaled_inv_freq(device)), base_scale * float(scale)
+
+    def _checkpoint_frequencies(self, seq_len: int | None, device) -> tuple[torch.Tensor, float]:
+        """(the checkpoint's inverse frequencies (rot_dim/2,), its cos/sin scale); unscaled at ``theta`` if none."""
+        if self.checkpoint_config is None:
+            return self._unscaled_inv_freq(device), 1.0
+        return rope_frequencies(self.checkpoint_config, device, seq_len=seq_len)
+
+    def _scaled_unscaled(self, seq_len: int | None, device) -> tuple[torch.Tensor, float] | None:
+        """The scaling on an unscaled rotary at ``theta``: (inverse frequencies, cos/sin scale); None where it changes
+        nothing (no scaling, or Dynamic YaRN inside the trained context)."""
         opts = self.options
         if opts.scaling is None:
-            return self._unscaled_inv_freq(device), 1.0
+            return None
         if opts.scaling == "dynamic_yarn":
             scale = self.dynamic_scale(seq_len or 0)
             if scale == 1.0:  # inside the trained context: the original frequencies, unscaled
-                return self._unscaled_inv_freq(device), 1.0
-            config = self._rope_config({**self.native_rope_parameters(), "factor": float(scale)})
+                return None
+            config = self._rope_config({**self._scaling_parameters(), "factor": float(scale)})
             inv_freq, _ = ROPE_INIT_FUNCTIONS["yarn"](config, device)  # its attention factor is at `factor`
             return inv_freq, yarn_attention_factor(scale, opts.mscale)
         init = ROPE_INIT_FUNCTIONS[opts.scaling]
@@ -200,7 +321,7 @@ class Rope(PositionMethod):
     def _row_frequencies(self, k_pos: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Inverse frequencies and cos/sin scale per row of positions. The dynamic scalings follow each row's
         longest position (so left padding in a batch changes nothing); the others are the same for every row."""
-        if self.options.scaling not in ("dynamic", "dynamic_yarn"):
+        if not self.follows_length:
             inv_freq, scaling = self._inv_freq(seq_len=None, device=device)
             return inv_freq.float()[None], torch.tensor(float(scaling), device=device).reshape(1, 1, 1, 1)
         if self.options.scaling == "dynamic_yarn" and torch.compiler.is_exporting():
@@ -215,15 +336,17 @@ class Rope(PositionMethod):
         """:meth:`_row_frequencies` of dynamic YaRN as tensor ops of each row's length, for ``torch.export`` (ONNX),
         where lengths are not Python numbers. YaRN at scale s has inverse frequencies w * (r + (1 - r) / s) for the
         unscaled w and a ramp r that does not depend on s, and cos/sin scale 0.1 mscale ln s + 1; r is read off
-        transformers' YaRN at ``factor``. At s = 1 this is the unscaled rotary, as in eager."""
+        transformers' YaRN at ``factor``, and multiplies the checkpoint's frequencies (static: the others are refused).
+        At s = 1 this is the checkpoint's rotary, as in eager."""
         factor = float(self.options.factor)
         unscaled = self._unscaled_inv_freq(device)  # (rot_dim/2,)
+        base, base_scale = self._checkpoint_frequencies(None, device)  # the unscaled ones for an unscaled checkpoint
         at_factor, _ = ROPE_INIT_FUNCTIONS["yarn"](self.rope_config, device)
         ramp = (at_factor.float() / unscaled - 1.0 / factor) / (1.0 - 1.0 / factor)
         lengths = (k_pos.amax(dim=-1) + 1).float()  # (P',)
         scale = self.dynamic_scale(lengths)[:, None]  # (P', 1)
-        inv_freq = unscaled * (ramp + (1.0 - ramp) / scale)  # (P', rot_dim/2)
-        return inv_freq, yarn_attention_factor(scale, self.options.mscale).reshape(-1, 1, 1, 1)
+        inv_freq = base * (ramp + (1.0 - ramp) / scale)  # (P', rot_dim/2)
+        return inv_freq, (base_scale * yarn_attention_factor(scale, self.options.mscale)).reshape(-1, 1, 1, 1)
 
     def rotate(self, q, k, q_pos, k_pos, memo=None):
         return self.rotate_queries(q, q_pos, k_pos, memo), self.rotate_keys(k, k_pos, memo)
@@ -243,7 +366,7 @@ class Rope(PositionMethod):
         """Keys may be stored rotated (see :mod:`hf_posenc.key_cache`) when we rotate them and a key's rotation
         depends on its own position only: not with the dynamic scalings, whose frequencies follow the longest
         position of the input (every key re-rotates when it grows)."""
-        return self.rotate_in_attention and self.options.scaling not in ("dynamic", "dynamic_yarn")
+        return self.rotate_in_attention and not self.follows_length
 
     def _rotate_one(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x[..., : self.rot_dim], x[..., self.rot_dim :]

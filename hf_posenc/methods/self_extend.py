@@ -1,7 +1,8 @@
 """Training-free context extension by two rotations merged in one softmax: Self-Extend and ReRoPE.
 
-Both keep the model's own RoPE (its theta; a static scaling on top where given) for near pairs and give far pairs
-other positions, chosen per (query i, key j) by the distance d = p_i - p_j of the caller's positions:
+Both keep the model's own RoPE (its theta, and a checkpoint's own static scaling with its cos/sin scale: see
+:mod:`.rope`; a static scaling on top where given) for near pairs and give far pairs other positions, chosen per
+(query i, key j) by the distance d = p_i - p_j of the caller's positions:
 
 - ``self_extend`` (Jin et al. 2024, "LLM Maybe LongLM", datamllab/LongLM): d < W: the ordinary positions;
   d >= W: the query rotated at p_i // G + W - W // G and the key at p_j // G (grouped positions, floor division),
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Memo, PositionTerm, check_range, help_field, shared
-from .rope import Rope, RopeOptions
+from .rope import CHECKPOINT_BY_LENGTH, KEEP_UNSCALED, Rope, RopeOptions
 
 WINDOW_SHARE = 2  # default window: L_train / 2 (SmolLM2: 4096, docs/extrapolation.md 2e)
 REACH_SHARE = 2 / 3  # default group: the far positions stay within (2/3) L_train (Self-Extend's rule)
@@ -51,6 +52,11 @@ class ExtendedRopeOptions(RopeOptions):
         if self.scaling not in STATIC_SCALINGS:
             raise ValueError(f"option 'scaling'={self.scaling!r}: the far positions already extend the context; "
                              f"combine with one of {[s for s in STATIC_SCALINGS if s]} or none")
+        checkpoint = self.checkpoint(shape)
+        if checkpoint is not None and checkpoint["rope_type"] in CHECKPOINT_BY_LENGTH:
+            raise ValueError(f"the checkpoint's rope_type {checkpoint['rope_type']!r} follows the input length: the "
+                             f"far positions would change its frequencies; convert with 'rope' to keep it, or "
+                             f"{KEEP_UNSCALED}")
         if self.window is not None:
             check_range("window", self.window, 1, integer=True)
             trained = self.original_max_positions or (shape.original_max_positions if shape else None)
@@ -113,6 +119,12 @@ class ExtendedRope(Rope):
 
     term = PositionTerm(rotation=True, rotation_form="two_pass")
 
+    def __init__(self, options, shape):
+        super().__init__(options, shape)
+        # cos/sin scale c of every rotation (a YaRN scaling's or checkpoint's; 1 otherwise): the frequencies are
+        # static (a dynamic scaling or checkpoint is refused), so c is one number
+        self.rotation_scale = float(self._inv_freq(None)[1])
+
     @property
     def window(self) -> int:
         return self.options.window
@@ -148,9 +160,14 @@ class ExtendedRope(Rope):
         return None
 
     def rotate_at(self, x: torch.Tensor, positions: torch.Tensor, memo: Memo | None = None) -> torch.Tensor:
-        """x (B, H, 1, D) rotated at each of ``positions`` (P, n) -> (B, H, n, D)."""
-        cos, sin = shared(memo, ("at", tuple(positions.shape), positions.device, x.dtype),
-                          lambda: self.cos_sin(positions, positions, x.dtype))  # (P, 1, n, rot_dim)
+        """x (B, H, 1, D) rotated at each relative position a - g of ``positions`` (P, n) -> (B, H, n, D), for keys
+        left unrotated: q c R(a) . k c R(g) = c^2 q R(a - g) . k for the cos/sin scale c, so x is scaled by c^2."""
+
+        def build():
+            cos, sin = self.cos_sin(positions, positions, x.dtype)  # (P, 1, n, rot_dim), scaled by c
+            return cos * self.rotation_scale, sin * self.rotation_scale
+
+        cos, sin = shared(memo, ("at", tuple(positions.shape), positions.device, x.dtype), build)
         return self._rotate_one(x, cos, sin)
 
     def rotate_far(self, q, k, q_pos, k_pos, sign: int = 1, memo: Memo | None = None):
@@ -184,9 +201,10 @@ class ReRope(ExtendedRope):
     Options = ReRopeOptions
 
     def rotate_far(self, q, k, q_pos, k_pos, sign: int = 1, memo: Memo | None = None):
-        if self.options.leaky is not None:
+        if self.options.leaky is not None or self.rotation_scale != 1.0:
             return super().rotate_far(q, k, q_pos, k_pos, sign, memo)
-        q_far, _ = self.far_positions(q_pos, k_pos, sign)  # clamped: every far key at 0, where RoPE is the identity
+        # clamped: every far key at 0, where RoPE with cos/sin scale 1 is the identity
+        q_far, _ = self.far_positions(q_pos, k_pos, sign)
         q_cos, q_sin = self._far_cos_sin("q", sign, q_far, k_pos, q.dtype, memo)
         return self._rotate_one(q, q_cos, q_sin), k
 

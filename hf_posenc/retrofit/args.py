@@ -11,7 +11,7 @@ from typing import Any, Callable
 import transformers
 
 from .. import sources
-from ..cli import _parse_option
+from ..cli import NAMED_ARGUMENTS, parse_option
 from ..registry import arch_for, method_class
 from ..training import load_config
 from .plan import Plan
@@ -65,6 +65,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def method_options(texts: list[str]) -> dict[str, Any]:
+    """``--option KEY=VALUE`` flags -> the method's options; a convert argument with a key of its own is refused."""
+    options = dict(parse_option(text) for text in texts)
+    for key in NAMED_ARGUMENTS:
+        if key in options:
+            raise ValueError(f"--option {key}=... is not a method option; set `{key}:` in the --config YAML instead")
+    return options
+
+
 def positive_lengths(text: str | None, default: list[int]) -> list[int]:
     if text is None:
         return default
@@ -92,7 +101,7 @@ def make_plan(args: argparse.Namespace, family_default: Callable[[Any], Recipe] 
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     model = args.model or DEFAULT_MODEL
     quick = args.config is None
-    options = dict(_parse_option(o, argparse.ArgumentParser()) for o in args.option)
+    options = method_options(args.option)
     if args.method is not None:
         method_class(args.method)  # an unknown method fails before the model is read
     positive_lengths(args.eval_lengths, [1])
@@ -118,6 +127,8 @@ def make_plan(args: argparse.Namespace, family_default: Callable[[Any], Recipe] 
                              **{k: v for k, v in pose.items() if k != "factor"}}
     slug = "-".join(Path(str(model)).name.split())
     out = Path(args.out or f"runs/retrofit-{slug}-{recipe.name}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a folder; choose another --out")
     overrides["output_dir"] = str(out / "finetune")  # replaced by the keyed folder below
     train = load_config(args.config, [], overrides)
     train.output_dir = str(out / f"finetune-{recipe.name}-{stage_key(train_identity(train))}")

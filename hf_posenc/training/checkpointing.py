@@ -232,21 +232,33 @@ class StopRequest:
 class OutputLock:
     """``<output_dir>/.lock`` while a run writes there. A second run into the same folder is refused: its resume
     could pick a checkpoint that the first run's pruning deletes a moment later. A lock left by a process that no
-    longer runs on this host is taken over. Only the main process locks (``enabled``)."""
+    longer runs on this host is taken over. Only the main process locks (``enabled``).
+
+    The folders the lock had to create are removed again on exit when the run left nothing in them (a run refused
+    by its checks leaves no folder behind)."""
 
     def __init__(self, output_dir: str | os.PathLike | None, enabled: bool = True):
         self.path = Path(output_dir) / LOCK if output_dir is not None and enabled else None
         self.owner = f"{socket.gethostname()} {os.getpid()}"
+        self.created: list[Path] = []  # folders made for the lock, outermost first
 
     def __enter__(self) -> "OutputLock":
         if self.path is None:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = make_output_dir(self.path.parent)
+        try:
+            self._acquire()
+        except BaseException:
+            self._remove_created()
+            raise
+        return self
+
+    def _acquire(self) -> None:
         while True:
             try:
                 with open(self.path, "x") as f:
                     f.write(self.owner)
-                return self
+                return
             except FileExistsError:
                 holder = self.path.read_text().strip()
                 if _holder_alive(holder):
@@ -260,6 +272,26 @@ class OutputLock:
     def __exit__(self, *exc) -> None:
         if self.path is not None and self.path.is_file() and self.path.read_text().strip() == self.owner:
             self.path.unlink()
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in reversed(self.created):  # innermost first; a folder something was written into stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def make_output_dir(out: Path) -> list[Path]:
+    """Create ``out`` (and missing parents); return the folders created, outermost first. An existing file, or a
+    file in the way, is refused with a :class:`ConfigError` naming the fix."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is an existing file, not a folder; choose another output_dir")
+    missing = [p for p in (out, *out.parents) if not p.exists()][::-1]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a parent that is a file, no permission, read-only disk
+        raise ConfigError(f"output_dir {out} cannot be created ({err.strerror or err}); choose another "
+                          "output_dir") from None
+    return missing
 
 
 def _holder_alive(holder: str) -> bool:

@@ -210,6 +210,9 @@ class TrainConfig:
         elif self.method is not None:
             from ..config import PosEncConfig  # unknown method / option -> ValueError naming the valid ones
 
+            _check("max_position_embeddings" not in self.method_options,
+                   "method_options.max_position_embeddings is not a method option; set the top-level key "
+                   "max_position_embeddings instead")
             try:
                 PosEncConfig(self.method, dict(self.method_options), self.max_position_embeddings)
             except (ValueError, TypeError) as err:
@@ -339,27 +342,42 @@ def _type_name(hint: Any) -> str:
 def parse_flags(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
     """``["--config", "x.yaml", "--lora.r", "16", "--cpu"]`` -> ("x.yaml", {"lora.r": 16, "cpu": True}).
     Values are parsed as YAML; a flag followed by another flag (or nothing) is ``true``."""
-    import yaml
-
     config_path, overrides, i = None, {}, 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--") or arg == "--":
             raise ConfigError(f"expected a --key flag, got {arg!r}")
         key, sep, text = arg[2:].partition("=")
+        bare = not sep and not (i + 1 < len(argv) and not argv[i + 1].startswith("--"))
         if not sep:
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                text, i = argv[i + 1], i + 1
-            else:
-                text = "true"
+            text, i = ("true", i) if bare else (argv[i + 1], i + 1)
         i += 1
         key = key.replace("-", "_")
-        value = yaml.safe_load(text) if text.strip() else ""
         if key == "config":
+            if bare or not text:
+                raise ConfigError("--config needs a YAML file: --config recipes/configs/gpt2_alibi.yaml")
             config_path = str(text)
         else:
-            overrides[key] = value
+            overrides[key] = _flag_value(key, text)
     return config_path, overrides
+
+
+def _flag_value(key: str, text: str) -> Any:
+    """A flag's value parsed as YAML (``[1,2,8]`` -> a list); unparsable text is refused in one line."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--{key} {text!r} is not a valid YAML value ({_yaml_problem(err)}); fix it, or quote a "
+                          "plain string") from None
+
+
+def _yaml_problem(err: Exception) -> str:
+    """One line from a yaml error: its problem and where (1-based line / column), not yaml's multi-line text."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or type(err).__name__
+    return problem if mark is None else f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -387,8 +405,15 @@ def load_config(path: str | Path | None = None, argv: list[str] | None = None,
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
+            what = "is a folder, not a YAML file" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config file {path} {what}")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}; fix the YAML syntax "
+                              "there") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot read config file {path}: {err}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a YAML mapping of config keys")
     apply_overrides(values, {**flags, **(overrides or {})})

@@ -207,6 +207,21 @@ def check_enough_blocks(n_blocks: int, batch_size: int, processes: int, seq_len:
             f"batch_size x processes = {needed}; add text or lower batch_size / seq_len")
 
 
+def check_token_ids(corpus: Corpus, tokenizer, objective: str, rows: int, model: str) -> None:
+    """Every token id the run feeds the model must be a row of its input embedding (``rows`` of them): the ids of
+    the training and held-out streams and, for MLM, every id of the tokenizer (the collator swaps in random ones).
+    A mismatched tokenizer fails here, before anything is written, not as an IndexError at the first step."""
+    largest = max(int(corpus.train.max()), int(corpus.heldout.max()) if corpus.heldout.numel() else -1)
+    where = "the tokenized text holds token id"
+    if objective == "mlm" and len(tokenizer) - 1 > largest:  # the MLM collator draws from range(len(tokenizer))
+        largest, where = len(tokenizer) - 1, f"the tokenizer has {len(tokenizer)} tokens (MLM masking draws any), id"
+    if largest >= rows:
+        raise DataError(
+            f"{where} {largest}, but {model!r} embeds only {rows} token ids (0..{rows - 1}): the tokenizer does not "
+            "belong to this model; use the model's own tokenizer (drop or fix `tokenizer:`), or resize the model's "
+            "embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer))) and save it first")
+
+
 def mask_for_mlm(collator, input_ids: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
     """MLM inputs and labels for (B, L) ``input_ids`` with a mask that depends only on ``seed``
     (``DataCollatorForLanguageModeling``'s masking, run under a forked, seeded RNG)."""
@@ -261,6 +276,7 @@ def eval_windows(heldout: torch.Tensor, length: int, max_tokens: int) -> torch.T
 
 
 __all__ = [
-    "Blocks", "ConfigError", "Corpus", "DataError", "EpochShuffle", "check_enough_blocks", "eval_windows",
-    "load_corpus", "mask_for_mlm", "mask_seed", "pose_position_ids", "pose_seed", "read_texts", "separator_id", "token_stream",
+    "Blocks", "ConfigError", "Corpus", "DataError", "EpochShuffle", "check_enough_blocks", "check_token_ids",
+    "eval_windows", "load_corpus", "mask_for_mlm", "mask_seed", "pose_position_ids", "pose_seed", "read_texts",
+    "separator_id", "token_stream",
 ]

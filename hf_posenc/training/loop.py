@@ -28,7 +28,8 @@ from .checkpointing import (
 )
 from .config import ConfigError, TrainConfig
 from .data import (
-    Blocks, EpochShuffle, check_enough_blocks, load_corpus, mask_for_mlm, mask_seed, pose_position_ids, pose_seed,
+    Blocks, EpochShuffle, check_enough_blocks, check_token_ids, load_corpus, mask_for_mlm, mask_seed,
+    pose_position_ids, pose_seed,
 )
 from .distill import distill_loss, teacher_logits
 from .evaluate import perplexity
@@ -77,9 +78,13 @@ def make_accelerator(config: TrainConfig):
         raise RuntimeError(
             f"{launched} processes were launched but Accelerate runs {accelerator.num_processes}; on CPU launch with "
             "`accelerate launch --multi_gpu --num_processes N` (or recipes/accelerate/cpu_ddp.yaml) or torchrun")
-    if trackers:
-        accelerator.init_trackers("hf_posenc_finetune", config={k: str(v) for k, v in config.to_dict().items()})
     return accelerator
+
+
+def start_trackers(accelerator, config: TrainConfig) -> None:
+    """Start the Accelerate trackers (they write under output_dir): only once every check has passed."""
+    if accelerator.log_with:
+        accelerator.init_trackers("hf_posenc_finetune", config={k: str(v) for k, v in config.to_dict().items()})
 
 
 def _has_accelerator() -> bool:
@@ -228,6 +233,8 @@ def setup(config: TrainConfig) -> Run:
     resume = claim_output_dir(out, run_info, config.resume_from)  # refuses another run's files
 
     loaded = load_model(config, plan)
+    rows = loaded.model.get_input_embeddings().num_embeddings  # (V, E) token embedding: ids must be < V
+    check_token_ids(corpus, tokenizer, loaded.objective, rows, config.model)
     collator = None
     if loaded.objective == "mlm":
         collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=config.mlm_probability)
@@ -243,6 +250,7 @@ def setup(config: TrainConfig) -> Run:
     teacher = loaded.teacher.to(accelerator.device) if loaded.teacher is not None else None  # not prepared: frozen
     state = TrainState()
     accelerator.register_for_checkpointing(state)
+    start_trackers(accelerator, config)  # every check has passed: from here on the run writes
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "train_config.json", json.dumps(config.to_dict(), indent=2) + "\n")

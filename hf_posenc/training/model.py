@@ -143,10 +143,15 @@ def load_model(config: TrainConfig, plan: ModelPlan | None = None) -> LoadedMode
         if config.distill is not None:
             teacher = _teacher(config, model, fresh)
         if not plan.native:
-            hf_posenc.convert(model, config.method, max_position_embeddings=config.max_position_embeddings,
-                              **config.method_options)
+            try:  # what needs the model to check (head sizes, its limit): refused like the config's own checks
+                hf_posenc.convert(model, config.method, max_position_embeddings=config.max_position_embeddings,
+                                  **config.method_options)
+            except ValueError as err:
+                raise ConfigError(f"method {config.method!r}: {err}") from None
     model.config.use_cache = False
     _check_pose_limit(config, model, plan)
+    if not plan.native:
+        _check_eval_limit(config, model)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if config.lora is not None:
@@ -184,6 +189,28 @@ def _check_pose_limit(config: TrainConfig, model: nn.Module, plan: ModelPlan) ->
             f"set max_position_embeddings: {config.pose.target_length} (or more), or lower pose.target_length"
         raise ConfigError(f"pose.target_length {config.pose.target_length} is past the model's position limit "
                           f"max_position_embeddings={limit}; {fix}")
+
+
+# methods whose positions index a table of max_position_embeddings rows: nothing runs past the last row
+TABLE_METHODS = ("learned",)
+
+
+def _check_eval_limit(config: TrainConfig, model: nn.Module) -> None:
+    """The final evaluation runs seq_len x max(eval_multipliers) tokens: refuse it up front where the converted
+    model cannot run that far (a learned table, or a family's length buffers such as BERT's token_type_ids), not
+    as an error after the last step."""
+    spec, limit = arch_for(model.config), model.config.max_position_embeddings
+    method = model.config.posenc["method"]
+    if method not in TABLE_METHODS and spec.extend_limit is None:
+        return  # no hard limit: runs past max_position_embeddings (what the conversion is for)
+    offset = spec.table_offset(model.config) if spec.position_table is not None else 0  # RoBERTa: pad + 1
+    longest = config.seq_len * max(config.eval_multipliers)
+    if longest > limit - offset:
+        why = f"the {method} table's rows" if method in TABLE_METHODS else f"the {spec.family} length buffers"
+        fix = f"set max_position_embeddings: {longest + offset} (or more), or " if config.method else ""
+        raise ConfigError(
+            f"seq_len x eval_multipliers reaches {longest} tokens, but the model runs at most {limit - offset} "
+            f"(max_position_embeddings={limit}: {why}); {fix}lower seq_len or eval_multipliers")
 
 
 def _check_head(model: nn.Module) -> None:
