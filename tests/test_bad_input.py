@@ -47,7 +47,7 @@ def assert_unchanged(model, before):
         ("rope", {"growth": 2.0}, "option 'growth' sets how Dynamic YaRN's scale follows the input"),
         ("rope", {"scaling": "dynamic_yarn", "factor": 2.0, "growth": 0.0}, "option 'growth' must be a number"),
         ("rope", {"thetaa": 5.0},
-         "unknown option(s) ['thetaa'] for method 'rope'; valid options: checkpoint_rope, factor, fraction"),
+         "unknown option(s) ['thetaa'] for method 'rope'; valid options: attention_factor, checkpoint_rope, factor, fraction"),
         ("t5", {"num_buckets": 1}, "option 'num_buckets' must be an integer >= 2, got 1"),
         ("t5", {"num_buckets": 3.5}, "option 'num_buckets' must be an integer"),
         ("t5", {"init": "random"}, "option 'init' must be one of ['alibi', 'zeros']"),

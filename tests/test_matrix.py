@@ -24,6 +24,11 @@ METHOD_CASES = {
     "rope-dynamic": {"scaling": "dynamic", "factor": 4.0},
     "rope-yarn": {"scaling": "yarn", "factor": 4.0},
     "rope-dynamic_yarn": {"scaling": "dynamic_yarn", "factor": 4.0},
+    # LongRoPE (the tiny models rotate 4 pairs of dims per head): short_factor inside the trained context, long past it
+    "rope-longrope": {"scaling": "longrope", "factor": 4.0, "long_factor": [1.0, 1.5, 3.0, 6.0],
+                      "short_factor": [1.0, 1.0, 1.2, 1.5]},
+    "rope-longrope_start": {"scaling": "longrope", "factor": 4.0, "long_factor": [1.0, 1.5, 3.0, 6.0],
+                            "start_tokens": 4},
     "t5": {},
     "shaw": {"max_distance": 8},
     "sinusoidal": {},

@@ -129,8 +129,9 @@ def decode(model, x, position_ids, prefill: int, cache=None):
 
 
 # dynamic scalings derive their frequencies from the longest position of the input: past the trained context a
-# full forward's early tokens are scored at the full input's scale, a decode step's at its prefix's (test_matrix)
-DYNAMIC = ("rope-dynamic", "rope-dynamic_yarn")
+# full forward's early tokens are scored at the full input's scale, a decode step's at its prefix's (test_matrix);
+# LongRoPE's switch from short to long factors at the trained context likewise
+DYNAMIC = ("rope-dynamic", "rope-dynamic_yarn", "rope-longrope", "rope-longrope_start")
 
 
 def dynamic_case_length(case: str) -> int:

@@ -51,10 +51,10 @@ def load_weights(target: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module
 def rope_parameters(model: nn.Module) -> dict:
     """transformers' ``rope_parameters`` for the converted model's rope options, in the form a fresh load reads
     without warnings: ``partial_rotary_factor`` always written (GPT-NeoX's default is 0.25), the trained context
-    only where the rope_type reads it (yarn; dynamic NTK reads ``max_position_embeddings``)."""
+    only where the rope_type reads it (yarn, longrope; dynamic NTK reads ``max_position_embeddings``)."""
     params = dict(position_method(model).native_rope_parameters())
     params["partial_rotary_factor"] = float(posenc(model)["options"]["fraction"])
-    if params["rope_type"] != "yarn":
+    if params["rope_type"] not in ("yarn", "longrope"):
         params.pop("original_max_position_embeddings", None)
     return params
 

@@ -1,5 +1,9 @@
 """Llama-style (Llama, Mistral, Qwen2) + ``rope`` -> the family's own model with ``rope_parameters``.
 
+``longrope`` (start_tokens 0) exports as transformers' ``rope_type: "longrope"``: the same full forwards; transformers
+rotates keys before its cache, so a generation that crosses the trained context keeps the short factors on the keys
+cached before the crossing, where hf_posenc re-rotates them (docs/export.md).
+
 A converted Llama-style model with full rotary and a static transformers scaling (none, linear, yarn) already runs
 the family's own rotary class, re-configured (see ``convert._native_rotary``): the export is the same weights under a config whose
 ``rope_parameters`` are :meth:`Rope.native_rope_parameters` (``max_position_embeddings``: see
@@ -21,10 +25,21 @@ def refusal(model: nn.Module) -> str | None:
                 "every dim of the head")
     if options["scaling"] not in NATIVE_SCALINGS:
         return f"scaling={options['scaling']!r} has no transformers rope_type (it is rotated by hf_posenc itself)"
+    if options["scaling"] == "longrope":
+        return _longrope_refusal(options)
     if options["scaling"] not in IN_PLACE_SCALINGS:
         return (f"scaling={options['scaling']!r} follows each input's length in hf_posenc (per row, no history); "
                 "transformers' dynamic rotary keeps the longest length it has seen and rotates cached keys once, "
                 "so a native export would differ past the trained context")
+    return None
+
+
+def _longrope_refusal(options: dict) -> str | None:
+    """transformers' longrope picks short_factor or long_factor per call from max(position_ids) + 1, with no history:
+    a full forward is hf_posenc's (rows of one length); LongRoPE's unscaled start tokens it has no field for."""
+    if options.get("start_tokens"):
+        return (f"start_tokens={options['start_tokens']}: transformers' longrope has no unscaled start tokens "
+                "(convert with start_tokens=0 to export natively)")
     return None
 
 

@@ -15,6 +15,11 @@ it rotates in attention on every family; cached keys are re-rotated with the cur
 forward inside the trained context; past it the cached tokens' deeper states keep the scale they were written at:
 docs/guarantees.md).
 
+``longrope`` (Ding et al. 2024): per-pair factors, w_i / short_factor_i for a row whose longest position + 1 is
+within the trained context, w_i / long_factor_i past it (transformers' ``longrope``, per row), cos/sin times the
+attention factor sqrt(1 + ln(factor) / ln(L_train)) at every length; positions below ``start_tokens`` (LongRoPE's
+n-hat) keep the unscaled w_i. Rotated in attention on every family; ``hf-posenc fit`` searches the factors.
+
 **A checkpoint that already scales its RoPE** (``config.rope_parameters`` with a ``rope_type`` other than
 ``default``: Llama 3.x ``llama3``, ``linear``, ``yarn``, ``dynamic``, ``longrope``) is the rotary a conversion starts
 from (option ``checkpoint_rope``, filled in from the model): with ``scaling=None`` its own frequencies and cos/sin
@@ -38,13 +43,14 @@ import torch
 from .._seams import ROPE_INIT_FUNCTIONS, rope_frequencies, rope_init_config
 from .base import Memo, MethodOptions, ModelShape, PositionMethod, PositionTerm, check_range, help_field, shared
 
-SCALINGS = ("linear", "dynamic", "yarn", "dynamic_yarn")
-NATIVE_SCALINGS = (None, "linear", "dynamic", "yarn")  # what transformers' rope_parameters express (export)
+SCALINGS = ("linear", "dynamic", "yarn", "dynamic_yarn", "longrope")
+NATIVE_SCALINGS = (None, "linear", "dynamic", "yarn", "longrope")  # what transformers' rope_parameters express
 # what a Llama-style model's own rotary module computes in place for us: not ``dynamic``, whose transformers module
 # keeps the longest length seen in earlier calls (a forward would depend on its history) and takes one scale for
 # the whole batch (a left-padded row would differ from the same row alone); we rotate per row in attention instead
 IN_PLACE_SCALINGS = (None, "linear", "yarn")
 YARN_SCALINGS = ("yarn", "dynamic_yarn")
+LONGROPE_OPTIONS = ("long_factor", "short_factor", "attention_factor", "start_tokens")  # scaling='longrope' only
 # a checkpoint's own rope_type (config.rope_parameters) a conversion keeps: one set of frequencies for every input (a
 # scaling can go on top), or frequencies that follow the input length (kept as they are: nothing on top)
 CHECKPOINT_STATIC = ("linear", "llama3", "yarn", "proportional")
@@ -66,7 +72,8 @@ class RopeOptions(MethodOptions):
     fraction: float = help_field(1.0, "fraction of each head's dims that rotate (partial rotary); in (0, 1]")
     scaling: str | None = help_field(
         None, "context scaling: None, 'linear' (position interpolation), 'dynamic' (NTK), 'yarn', or "
-        "'dynamic_yarn' (YaRN scaled by the input length: the original inside the trained context)"
+        "'dynamic_yarn' (YaRN scaled by the input length: the original inside the trained context), or 'longrope' "
+        "(per-frequency factors: short_factor inside the trained context, long_factor past it)"
     )
     factor: float = help_field(1.0, "scaling factor (new context / trained context); >= 1, > 1 with a scaling")
     original_max_positions: int | None = help_field(
@@ -79,6 +86,22 @@ class RopeOptions(MethodOptions):
     growth: float = help_field(
         1.0, "how fast Dynamic YaRN's scale grows past the trained context: s = clip(1 + growth * (L / L_train - 1), "
         "1, factor) (1: s = L / L_train; factor: transformers' dynamic NTK rule); 'dynamic_yarn' only; > 0"
+    )
+    long_factor: list | None = help_field(
+        None, "LongRoPE's per-frequency rescale factors past the trained context: pair i turns at inv_freq_i / "
+        "long_factor_i; one per pair of rotary dims (rot_dim / 2), each > 0; 'longrope' only (required there)"
+    )
+    short_factor: list | None = help_field(
+        None, "LongRoPE's factors for inputs within the trained context; None = all 1.0 (the original frequencies); "
+        "'longrope' only"
+    )
+    attention_factor: float | None = help_field(
+        None, "LongRoPE's cos/sin scale, at every length (as transformers applies it); None = sqrt(1 + ln(factor) / "
+        "ln(original_max_positions)); 'longrope' only; > 0"
+    )
+    start_tokens: int = help_field(
+        0, "LongRoPE's n-hat: positions below it keep the unscaled frequencies (> 0 has no transformers rope_type: "
+        "export refused); 'longrope' only; >= 0"
     )
     checkpoint_rope: dict | None = help_field(
         None, "the checkpoint's own rotary that scaling starts from (its config.rope_parameters: rope_type, "
@@ -107,6 +130,7 @@ class RopeOptions(MethodOptions):
                              f"scaling='dynamic_yarn' with it (got scaling={self.scaling!r})")
         if shape is not None and rotary_dim(shape.head_dim, self.fraction) < 2:
             raise ValueError(f"option 'fraction'={self.fraction} leaves fewer than 2 of {shape.head_dim} dims to rotate")
+        check_longrope_options(self, shape)
         given = self.checkpoint_rope
         if given is not None and not (isinstance(given, dict) and isinstance(given.get("rope_type"), str)):
             raise ValueError(f"option 'checkpoint_rope' must be a dict with a 'rope_type' (transformers' "
@@ -132,8 +156,48 @@ class RopeOptions(MethodOptions):
             original_max_positions=self.original_max_positions or shape.original_max_positions,
             mscale=self.mscale,
             growth=self.growth,
+            **self.resolved_longrope(shape),
             checkpoint_rope=checkpoint and {"rope_theta": float(theta), **checkpoint},
         )
+
+    def resolved_longrope(self, shape: ModelShape) -> dict:
+        """The LongRoPE fields with short_factor filled in (all 1.0) and every factor a float, for a reload."""
+        if self.scaling != "longrope":
+            return {}
+        pairs = rotary_dim(shape.head_dim, self.fraction) // 2
+        short = self.short_factor if self.short_factor is not None else [1.0] * pairs
+        return {"long_factor": [float(v) for v in self.long_factor], "short_factor": [float(v) for v in short],
+                "attention_factor": self.attention_factor, "start_tokens": self.start_tokens}
+
+
+def check_longrope_options(options: RopeOptions, shape: ModelShape | None) -> None:
+    """LongRoPE's options: only with scaling='longrope', long_factor required; per-frequency lists of positive
+    numbers, one per pair of rotary dims (checked where the shape is known)."""
+    if options.scaling != "longrope":
+        given = [name for name in LONGROPE_OPTIONS if getattr(options, name) != RopeOptions.__dataclass_fields__[
+            name].default]
+        if given:
+            raise ValueError(f"option(s) {given} are LongRoPE's: give scaling='longrope' with them "
+                             f"(got scaling={options.scaling!r})")
+        return
+    if options.long_factor is None:
+        raise ValueError("scaling='longrope' needs option 'long_factor' (one factor per pair of rotary dims; "
+                         "`hf-posenc fit` searches them)")
+    pairs = rotary_dim(shape.head_dim, options.fraction) // 2 if shape is not None else None
+    for name in ("long_factor", "short_factor"):
+        values = getattr(options, name)
+        if values is None:
+            continue
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"option {name!r} must be a list of numbers, one per pair of rotary dims, got {values!r}")
+        for value in values:
+            check_range(name, value, 1e-9)
+        if pairs is not None and len(values) != pairs:
+            raise ValueError(f"option {name!r} has {len(values)} factors; the model rotates {pairs} pairs of dims "
+                             f"per head (head_dim {shape.head_dim} x fraction {options.fraction} / 2)")
+    if options.attention_factor is not None:
+        check_range("attention_factor", options.attention_factor, 1e-9)
+    check_range("start_tokens", options.start_tokens, 0, integer=True)
 
 
 def scaled_rope(rope_parameters: dict | None) -> dict | None:
@@ -230,7 +294,8 @@ class Rope(PositionMethod):
     @property
     def follows_length(self) -> bool:
         """Whether the frequencies follow the input length (the dynamic scalings, or such a checkpoint)."""
-        return self.options.scaling in ("dynamic", "dynamic_yarn") or self.checkpoint_kind in CHECKPOINT_BY_LENGTH
+        return (self.options.scaling in ("dynamic", "dynamic_yarn", "longrope")
+                or self.checkpoint_kind in CHECKPOINT_BY_LENGTH)
 
     def native_rope_parameters(self) -> dict:
         """``config.rope_parameters`` in transformers' format for these options: a scaled checkpoint's own with no
@@ -254,6 +319,16 @@ class Rope(PositionMethod):
             params["original_max_position_embeddings"] = opts.original_max_positions
         if opts.scaling in YARN_SCALINGS and opts.mscale != 1.0:  # transformers' yarn: 0.1 ln(factor) + 1 unless given
             params["attention_factor"] = yarn_attention_factor(float(opts.factor), opts.mscale)
+        if opts.scaling == "longrope":  # transformers' longrope: its default attention factor unless given
+            params.update(self._longrope_parameters())
+        return params
+
+    def _longrope_parameters(self) -> dict:
+        opts = self.options
+        short = opts.short_factor if opts.short_factor is not None else [1.0] * (self.rot_dim // 2)
+        params = {"long_factor": [float(v) for v in opts.long_factor], "short_factor": [float(v) for v in short]}
+        if opts.attention_factor is not None:
+            params["attention_factor"] = float(opts.attention_factor)
         return params
 
     def _inv_freq(self, seq_len: int | None, device=None) -> tuple[torch.Tensor, float]:
@@ -312,6 +387,7 @@ class Rope(PositionMethod):
         def build():
             inv_freq, scaling = self._row_frequencies(k_pos, positions.device)  # (P', rot_dim/2), (P', 1, 1, 1)
             freqs = positions[..., None].float() * inv_freq[:, None, :]  # (P, L, rot_dim/2)
+            freqs = self._start_token_freqs(positions, freqs)
             emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (P, 1, L, rot_dim)
             return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
@@ -326,11 +402,35 @@ class Rope(PositionMethod):
             return inv_freq.float()[None], torch.tensor(float(scaling), device=device).reshape(1, 1, 1, 1)
         if self.options.scaling == "dynamic_yarn" and torch.compiler.is_exporting():
             return self._traced_dynamic_yarn(k_pos, device)
+        if self.options.scaling == "longrope":
+            return self._longrope_rows(k_pos, device)
         lengths = (k_pos.amax(dim=-1) + 1).tolist()  # (P',)
         per_length = {n: self._inv_freq(seq_len=n, device=device) for n in set(lengths)}
         inv_freq = torch.stack([per_length[n][0].float() for n in lengths])
         scaling = torch.tensor([float(per_length[n][1]) for n in lengths], device=device)
         return inv_freq, scaling.reshape(-1, 1, 1, 1)
+
+    def _longrope_rows(self, k_pos: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_row_frequencies` of LongRoPE, as tensor ops (no host sync; traceable): a row whose longest position
+        is within the trained context turns at short_factor's frequencies, a longer one at long_factor's
+        (transformers' rule, ``max(position_ids) + 1 > original_max_position_embeddings``, per row); one cos/sin
+        scale, the attention factor, for both."""
+        trained = self.options.original_max_positions
+        short, scale = self._inv_freq(seq_len=trained, device=device)
+        long, _ = self._inv_freq(seq_len=trained + 1, device=device)
+        beyond = (k_pos.amax(dim=-1) + 1 > trained)[:, None]  # (P', 1)
+        inv_freq = torch.where(beyond, long.float()[None], short.float()[None])  # (P', rot_dim/2)
+        return inv_freq, torch.tensor(float(scale), device=device).reshape(1, 1, 1, 1)
+
+    def _start_token_freqs(self, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """LongRoPE's n-hat: positions below ``start_tokens`` turn at the frequencies before scaling (the
+        checkpoint's, or the unscaled ones at theta). positions (P, L), freqs (P, L, rot_dim/2)."""
+        n_hat = self.options.start_tokens
+        if not n_hat:
+            return freqs
+        base, _ = self._checkpoint_frequencies(None, positions.device)
+        unscaled = positions[..., None].float() * base.float()  # (P, L, rot_dim/2)
+        return torch.where(positions[..., None] < n_hat, unscaled, freqs)
 
     def _traced_dynamic_yarn(self, k_pos: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`_row_frequencies` of dynamic YaRN as tensor ops of each row's length, for ``torch.export`` (ONNX),
