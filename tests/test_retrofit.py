@@ -207,3 +207,34 @@ def test_options_left_at_their_default_are_the_same_options():
                                  {"scaling": "yarn", "factor": 2.0})
     assert not retrofit.same_options("rope", {"scaling": "yarn", "factor": 2.0, "mscale": 0.5},
                                      {"scaling": "yarn", "factor": 2.0})
+
+
+def test_rotary_fit_budget_adds_a_fitted_longrope_candidate_keyed_as_a_stage(tmp_path, tiny_llama_dir, capsys):
+    """``--fit-budget 8``: hf-posenc fit for the recipe's 4x the trained context (256 tokens: 1 window + 3 passkey
+    prompts = 4 forwards a candidate, so 2 candidates) on the training text; its best factors compete in the
+    selection; the report says the budget and the wall time; a re-run scores nothing again."""
+    assert run(tmp_path, tiny_llama_dir, "--fit-budget", "8", method=()) == 0
+    printed = capsys.readouterr().out
+    assert "[2/7] fitting LongRoPE factors for 256 tokens with 8 forward passes" in printed
+    assert "[3/7] choosing the retrofit among 5 candidates" in printed
+    out = tmp_path / "run"
+    (fit_dir,) = out.glob("fit-longrope-*")
+    lines = (fit_dir / "evaluations.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 2
+    scored = json.loads((out / "selection.json").read_text())["chosen_by"]["candidates"]
+    fitted = json.loads((fit_dir / "factors.json").read_text())
+    assert scored[-1]["options"] == {"scaling": "longrope", **fitted} and scored[-1]["model"] == "training-free"
+    report = (out / "report.md").read_text()
+    assert "budget 8 forward passes, 8 spent over 2 candidates" in report and "s of wall time" in report
+
+    assert run(tmp_path, tiny_llama_dir, "--fit-budget", "8", method=()) == 0
+    assert capsys.readouterr().out.count("skipping") == 5 + 3  # candidates, three rows
+    assert (fit_dir / "evaluations.jsonl").read_text().splitlines() == lines
+
+
+@pytest.mark.parametrize("extra, message", [(("--fit-budget", "-1"), "--fit-budget must be >= 0"),
+                                            (("--fit-budget", "4", "--method", "alibi"), "rotary recipe")])
+def test_a_fit_budget_outside_the_rotary_recipe_is_refused(tmp_path, tiny_llama_dir, capsys, extra, message):
+    assert run(tmp_path, tiny_llama_dir, *extra, method=()) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

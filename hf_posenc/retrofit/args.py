@@ -59,6 +59,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--finetune", action="store_true",
                         help="fine-tune even where the family's recipe skips it (rotary models: the fine-tune lost to "
                         "the training-free conversions in every measured run; it then competes with them)")
+    parser.add_argument("--fit-budget", type=int, default=0,
+                        help="rotary recipe: also fit LongRoPE factors for the recipe's length (4x the trained "
+                        "context) with this many forward passes (hf-posenc fit, docs/fit.md), and let them compete; "
+                        "0 (default): off (on a CPU one forward at 16k+ takes minutes)")
     parser.add_argument("--export", action="store_true",
                         help="at the end, export the retrofit to OUT/export for plain transformers (native where exact, "
                         "else ONNX; docs/export.md)")
@@ -134,8 +138,10 @@ def make_plan(args: argparse.Namespace, family_default: Callable[[Any], Recipe] 
     train.output_dir = str(out / f"finetune-{recipe.name}-{stage_key(train_identity(train))}")
     lengths = positive_lengths(args.eval_lengths, default_lengths(trained))
     finetune = recipe.finetune or args.finetune or not recipe.training_free  # a recipe without a baseline trains
+    fit_target = check_fit_budget(args.fit_budget, recipe, trained, train)
     plan = Plan(
         out=out, recipe=recipe, train=train, trained_length=trained, lengths=lengths,
+        fit_budget=args.fit_budget, fit_target=fit_target,
         corpora=corpora(train, args.other_heldout),
         eval_tokens=args.eval_tokens or max(lengths) // 2,
         passkey_lengths=[n for n in lengths if PASSKEY_MIN <= n <= max(PASSKEY_MIN, trained // 2)],
@@ -144,6 +150,21 @@ def make_plan(args: argparse.Namespace, family_default: Callable[[Any], Recipe] 
     )
     check_text(plan)
     return plan
+
+
+def check_fit_budget(budget: int, recipe: Recipe, trained: int, train) -> int:
+    """The length LongRoPE factors are fitted for (0: no fit): the rotary recipe's factor x the trained context."""
+    if budget < 0:
+        raise ValueError(f"--fit-budget must be >= 0 (forward passes; 0: no fit), got {budget}")
+    if budget == 0:
+        return 0
+    if recipe.method != "rope" or not recipe.training_free:
+        raise ValueError("--fit-budget fits LongRoPE factors among the rotary recipe's training-free candidates: "
+                         "run it without --method (and without --option) on a Llama-style model")
+    if not (train.data.text or len(train.data.files or []) == 1):
+        raise ValueError("--fit-budget fits on the training text of --data: give a named corpus or one file or "
+                         "folder (not a `datasets` dataset)")
+    return int(recipe.options["factor"] * trained)
 
 
 def model_facts(model: str):

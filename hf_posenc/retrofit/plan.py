@@ -25,6 +25,10 @@ class Plan:
     num_samples: int
     selection_length: int = 0  # tokens of the fine-tune text the selection scores each candidate on (0: none)
     finetune: bool = True  # whether this run fine-tunes (the recipe's default, or --finetune)
+    fit_budget: int = 0  # forward passes for fitting LongRoPE factors (hf-posenc fit), 0: no fitted candidate
+    fit_target: int = 0  # the length the factors are fitted for (the recipe's factor x the trained context)
+    fitted: list = field(default_factory=list)  # the fitted candidate, once the fit stage has run
+    fit_summary: dict = field(default_factory=dict)  # its OUT/fit-*/fit.json and folder
     model_location: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     choice: dict = field(default_factory=dict)  # what :func:`select_model` chose (set after the fine-tune)

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .fitted import fit_text
 from .plan import Plan
 from .scores import LAST_TOKENS, SKIPPED, unscored_passkey
 from .select import options_text
@@ -77,6 +78,7 @@ def write_report(plan: Plan, rows: dict[str, dict], seconds: float) -> Path:
         f"{plan.depths} x {plan.num_samples} prompts. `{SKIPPED}`: beyond the original's learned position table; "
         "cells equal to the original's inside its context are so by construction (same logits, tested).",
         "",
+        *fit_text(plan),
         *selection_text(plan),
         tables(plan, rows),
         "",

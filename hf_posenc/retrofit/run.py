@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..exporters import export
 from .args import make_plan, parse_args
+from .fitted import fit_candidate
 from .models import load_original, load_retrofit
 from .plan import Plan
 from .plots import plot
@@ -49,9 +50,10 @@ def logs_to_file(out: Path):
 
 
 def stage_count(plan: Plan) -> int:
-    """fetch, [fine-tune], [choose], original, [training-free], retrofit, report."""
+    """fetch, [fine-tune], [fit], [choose], original, [training-free], retrofit, report."""
     recipe = plan.recipe
-    return 4 + plan.finetune + recipe.training_free + (len(candidates(recipe, plan.finetune)) > 1)
+    chooses = len(candidates(recipe, plan.finetune)) > 1
+    return 4 + plan.finetune + recipe.training_free + chooses + (plan.fit_budget > 0)
 
 
 def run_stages(plan: Plan, started: float) -> dict[str, dict]:
@@ -76,8 +78,12 @@ def run_stages(plan: Plan, started: float) -> dict[str, dict]:
         final = timed("fine-tune", lambda: finetune(plan))
     else:
         print(f"      no fine-tune: {recipe.skip_reason}")
+    if plan.fit_budget:
+        stage(f"fitting LongRoPE factors for {plan.fit_target} tokens with {plan.fit_budget} forward passes")
+        plan.fitted = timed("fit", lambda: fit_candidate(plan))
     if plan.selection_length:
-        stage(f"choosing the retrofit among {len(candidates(recipe, plan.finetune))} candidates on "
+        count = len(candidates(recipe, plan.finetune)) + len(plan.fitted)
+        stage(f"choosing the retrofit among {count} candidates on "
               f"{plan.selection_length} tokens of the training text")
         plan.choice = timed("choose", lambda: select_model(plan, final))
     else:

@@ -55,7 +55,7 @@ def selection_window(plan: Plan, tokenizer):
 def select_model(plan: Plan, final: Path) -> dict:
     """The retrofit: the candidate with the lowest perplexity on one window of the training text at 2x the trained
     context (ties: the simpler, listed first). Every candidate's score goes to ``selection.json``."""
-    options = candidates(plan.recipe, plan.finetune)
+    options = candidates(plan.recipe, plan.finetune) + plan.fitted  # fitted: the LongRoPE fit's (--fit-budget)
     if len(options) == 1:
         return {**options[0], "chosen_by": None}
     tokenizer = transformers.AutoTokenizer.from_pretrained(final or plan.model_location)
