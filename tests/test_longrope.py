@@ -122,6 +122,7 @@ def test_start_tokens_covering_the_input_give_the_original_model_past_the_traine
 
 
 def test_start_tokens_are_refused_by_native_export_with_the_reason(tmp_path):
+    """(``format="auto"`` exports them as ONNX: tests/test_export.py, case llama-longrope-start.)"""
     with pytest.raises(ValueError, match="unscaled start tokens"):
         hf_posenc.export(longrope(start_tokens=4), tmp_path / "out", format="native")
     assert not (tmp_path / "out").exists()
