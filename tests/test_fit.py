@@ -5,6 +5,7 @@ the tiny tokenizer, The Tempest as calibration text."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import socket
@@ -19,6 +20,7 @@ from tiny_models import OLD_LIMIT, TEXT, tiny_model
 import hf_posenc
 from hf_posenc import cli
 from hf_posenc.fit import EVALUATIONS, FACTORS, SUMMARY, FitSettings, IdentityError, fit, run, search
+from hf_posenc.integrations.long_context import token_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 2 * OLD_LIMIT  # scale 2; perplexity only (the tiny tokenizer needs ~190 tokens for a passkey prompt)
@@ -68,12 +70,13 @@ def test_fit_writes_factors_that_convert_takes_and_that_scored_as_recorded(tmp_p
     rows = records(out)
     assert len(rows) == 6 and [r.get("seed") for r in rows[:3]] == ["pi", "ntk", "yarn"]
     assert top["score"] == min(r["score"] for r in rows)
+    assert all(r["long_factor"] == sorted(r["long_factor"]) and r["long_factor"][0] >= 1.0 for r in rows)
     options = json.loads((out / FACTORS).read_text())
     assert options["long_factor"] == top["long_factor"] and options["factor"] == TARGET / OLD_LIMIT
     converted = hf_posenc.convert(tiny_model("llama", initializer_range=0.3).eval(), "rope", scaling="longrope",
                                   **options)
-    window = torch.tensor(tiny_tokenizer("\n\n".join([TEXT.read_text()])[-8 * TARGET:])["input_ids"][-TARGET:])
-    nll = hf_posenc.integrations.long_context.token_nll(converted, window)[-(TARGET - 1):].double().mean()
+    window = torch.tensor(tiny_tokenizer(TEXT.read_text()[-8 * TARGET:])["input_ids"][-TARGET:])  # the text's end
+    nll = token_nll(converted, window)[-(TARGET - 1):].double().mean()
     assert float(nll) == pytest.approx(top["score"], abs=1e-5)  # the recorded score is that model's
     summary = json.loads((out / SUMMARY).read_text())
     assert summary["forwards"] == 6 and summary["identity"]["target_length"] == TARGET
@@ -124,7 +127,7 @@ def test_the_needle_loss_adds_the_passkey_answers_nll(tmp_path, model, tiny_toke
               progress_bar=False)
     rows = records(out)
     assert len(rows) == 2 and all(r["forwards"] == 4 for r in rows)
-    assert top["score"] == pytest.approx(__import__("math").log(top["last_ppl"]) + top["needle_nll"])
+    assert top["score"] == pytest.approx(math.log(top["last_ppl"]) + top["needle_nll"])
 
 
 def test_cli_fit_and_its_bad_input_exit_2(tmp_path, tiny_llama_dir, capsys):
