@@ -25,7 +25,7 @@ from .common import posenc
 
 FILE_NAME = "model.onnx"
 INPUT_NAMES = ("input_ids", "attention_mask")
-LENGTH_FOLLOWING = ("dynamic",)  # dynamic_yarn has a traced form (Rope._traced_dynamic_yarn)
+LENGTH_FOLLOWING = ("dynamic",)  # dynamic_yarn and longrope have traced forms (Rope._traced_dynamic_yarn, _longrope_rows)
 TWO_PASS = ("self_extend", "rerope")  # hf_posenc.methods.self_extend: no native form, no traced one
 # the exporter's notes on what is harmless here: the method's per-forward positions are plain attributes (not state of
 # the graph), and input_ids / attention_mask share their axes
