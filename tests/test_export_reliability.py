@@ -110,6 +110,25 @@ def test_native_rope_export_with_its_own_trained_context_is_exact_past_it_or_ref
             assert (native(input_ids=x).logits - model(input_ids=x).logits).abs().max() <= TOLERANCE, length
 
 
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}  # Llama 3.1's scaling, trained context 16 (< the old limit 64)
+
+
+def test_a_kept_llama3_rotary_exports_natively_with_its_trained_context(tmp_path):
+    """A checkpoint's own llama3 rotary kept by ``rope`` (no scaling): transformers' llama3 reads
+    original_max_position_embeddings; dropped, a fresh load took the old limit instead (logits differed by 5.48)."""
+    model = hf_posenc.convert(tiny_model("llama", rope_parameters=dict(LLAMA3), initializer_range=0.3,
+                                         **ONE_LAYER["llama"]), "rope")
+    hf_posenc.export(model, tmp_path / "out", format="native")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["rope_parameters"]["original_max_position_embeddings"] == 16
+    native = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        for length in (12, 40, OLD_LIMIT + 20):  # inside the trained context, past it, past the old limit
+            x = ids(length, seed=length)
+            assert (native(input_ids=x).logits - model(input_ids=x).logits).abs().max() <= TOLERANCE, length
+
+
 def test_a_mapping_that_differs_past_the_trained_context_is_refused_by_the_self_check(tmp_path, monkeypatch):
     """The bug of issue 27: Llama + dynamic NTK exported with the model's old limit (64) as transformers' trained
     context where the conversion's is 32 differs by ~10 in the logits past 32 tokens, and passed a 24-token probe.

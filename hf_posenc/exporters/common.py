@@ -48,13 +48,18 @@ def load_weights(target: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module
     return target.eval()
 
 
+# the rope_types whose transformers init reads ``rope_parameters["original_max_position_embeddings"]`` as the trained
+# context (a fresh load fills a missing one with ``max_position_embeddings``: wrong frequencies, no error)
+READS_TRAINED_CONTEXT = ("yarn", "llama3", "longrope")
+
+
 def rope_parameters(model: nn.Module) -> dict:
     """transformers' ``rope_parameters`` for the converted model's rope options, in the form a fresh load reads
     without warnings: ``partial_rotary_factor`` always written (GPT-NeoX's default is 0.25), the trained context
-    only where the rope_type reads it (yarn, longrope; dynamic NTK reads ``max_position_embeddings``)."""
+    only where the rope_type reads it (:data:`READS_TRAINED_CONTEXT`; dynamic NTK reads ``max_position_embeddings``)."""
     params = dict(position_method(model).native_rope_parameters())
     params["partial_rotary_factor"] = float(posenc(model)["options"]["fraction"])
-    if params["rope_type"] not in ("yarn", "longrope"):
+    if params["rope_type"] not in READS_TRAINED_CONTEXT:
         params.pop("original_max_position_embeddings", None)
     return params
 
