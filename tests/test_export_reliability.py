@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ from tiny_models import OLD_LIMIT, VOCAB, tiny_model
 import hf_posenc
 from hf_posenc import cli
 from hf_posenc.exporters import llama_rope, table
+from hf_posenc.exporters.api import plan_export
 from hf_posenc.exporters.common import posenc
 from hf_posenc.exporters.onnx import mask_position_ids, onnx_logits, takes_position_ids
 from hf_posenc.exporters.probe import probe_inputs
@@ -127,6 +129,37 @@ def test_a_kept_llama3_rotary_exports_natively_with_its_trained_context(tmp_path
         for length in (12, 40, OLD_LIMIT + 20):  # inside the trained context, past it, past the old limit
             x = ids(length, seed=length)
             assert (native(input_ids=x).logits - model(input_ids=x).logits).abs().max() <= TOLERANCE, length
+
+
+KEPT_BY_LENGTH = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0, 1.5, 2.0, 3.0],
+                  "long_factor": [1.0, 2.0, 4.0, 8.0], "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize(("rope", "options", "reason"), [
+    (LLAMA3, {"scaling": "yarn", "factor": 2.0}, "scaling='yarn' on top of the checkpoint's own 'llama3' rotary"),
+    (KEPT_BY_LENGTH, {}, "the checkpoint's own 'longrope' rotary follows each input's length"),
+    ({"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}, {}, "the checkpoint's own 'dynamic' rotary"),
+])
+def test_a_rotary_hf_posenc_rotates_itself_is_refused_natively_with_the_reason(rope, options, reason):
+    """rotate_in_attention (not the family's rotary module): refused before anything is built (it was a ValueError
+    from native_rope_parameters() in the build, or a self-check failure), and format='auto' goes elsewhere."""
+    model = hf_posenc.convert(tiny_model("llama", rope_parameters=dict(rope), **ONE_LAYER["llama"]), "rope", **options)
+    assert model.base_model.posenc.rotate_in_attention
+    assert llama_rope.refusal(model).startswith(reason)
+    with pytest.raises(ValueError, match=r"^no exact native export for llama \+ rope: " + re.escape(reason)):
+        plan_export(model, "native")
+
+
+def test_a_scaling_on_top_of_a_checkpoint_rotary_is_refused_by_the_cli_in_one_line(tmp_path, capsys):
+    saved = tmp_path / "converted"
+    model = tiny_model("llama", rope_parameters=dict(LLAMA3), **ONE_LAYER["llama"])
+    hf_posenc.convert(model, "rope", scaling="linear", factor=2.0).save_pretrained(saved)
+    argv = ["export", "--model-path", str(saved), "--out", str(tmp_path / "out"), "--format", "native"]
+    assert cli.main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("hf-posenc export: error: no exact native export for llama + rope: scaling='linear' on "
+                           "top of the checkpoint's own 'llama3' rotary")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"]
 
 
 def test_a_mapping_that_differs_past_the_trained_context_is_refused_by_the_self_check(tmp_path, monkeypatch):

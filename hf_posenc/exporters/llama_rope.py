@@ -14,12 +14,17 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..methods.rope import IN_PLACE_SCALINGS, NATIVE_SCALINGS
-from .common import load_weights, plain_config, posenc, rope_limit, rope_parameters
+from ..methods.rope import CHECKPOINT_BY_LENGTH, IN_PLACE_SCALINGS, NATIVE_SCALINGS
+from .common import load_weights, plain_config, position_method, posenc, rope_limit, rope_parameters
 
 
 def refusal(model: nn.Module) -> str | None:
-    options = posenc(model)["options"]
+    """None when the converted model runs the family's own rotary module (re-configured), else why not: every
+    conversion that rotates in hf_posenc's attention instead (``rotate_in_attention``) is refused here."""
+    return _options_refusal(posenc(model)["options"]) or _checkpoint_refusal(position_method(model))
+
+
+def _options_refusal(options: dict) -> str | None:
     if options["fraction"] != 1.0:
         return (f"partial rotary (fraction={options['fraction']}): transformers' Llama-style attention rotates "
                 "every dim of the head")
@@ -40,6 +45,22 @@ def _longrope_refusal(options: dict) -> str | None:
     if options.get("start_tokens"):
         return (f"start_tokens={options['start_tokens']}: transformers' longrope has no unscaled start tokens "
                 "(convert with start_tokens=0 to export natively)")
+    return None
+
+
+def _checkpoint_refusal(method) -> str | None:
+    """The checkpoint's own rotary (kept by the conversion) with what the options add to it; then anything else
+    hf_posenc rotates itself, but for longrope (its own or the checkpoint's: transformers' equals it, see above)."""
+    kind, scaling = method.checkpoint_kind, method.options.scaling
+    if kind is not None and scaling is not None:
+        return (f"scaling={scaling!r} on top of the checkpoint's own {kind!r} rotary has no transformers rope_type "
+                "(no rope_type composes two scalings; hf_posenc rotates it itself)")
+    if kind in CHECKPOINT_BY_LENGTH and kind != "longrope":
+        return (f"the checkpoint's own {kind!r} rotary follows each input's length in hf_posenc (per row, no "
+                "history); transformers' keeps state between calls and rotates cached keys once, so a native "
+                "export would differ past the trained context")
+    if method.rotate_in_attention and "longrope" not in (kind, scaling):
+        return "hf_posenc rotates this model's queries and keys itself, not with the family's own rotary module"
     return None
 
 
