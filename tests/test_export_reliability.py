@@ -23,7 +23,8 @@ from hf_posenc import cli
 from hf_posenc.exporters import llama_rope, table
 from hf_posenc.exporters.api import plan_export
 from hf_posenc.exporters.common import posenc
-from hf_posenc.exporters.onnx import mask_position_ids, onnx_logits, takes_position_ids
+from hf_posenc.exporters.onnx import (dynamic_shapes, eager_backend, example_inputs, mask_position_ids, onnx_logits,
+                                      takes_position_ids, traced_module)
 from hf_posenc.exporters.probe import probe_inputs
 
 TOLERANCE = 1e-4
@@ -252,6 +253,20 @@ def test_the_onnx_readme_names_the_position_ids_input(onnx_export):
     readme = (onnx_export("learned")[1].parent / "README.md").read_text()
     assert "`position_ids`" in readme and "reaching position 71" in readme  # the old limit 64 + 8
     assert "`position_ids`" not in (onnx_export("sinusoidal-opt")[1].parent / "README.md").read_text()
+
+
+def test_transformer_xl_traces_on_torch_exports_first_try():
+    """torch.onnx's first capture (torch.export, strict=False) failed on ``int(relative.min())`` (a guard on data),
+    and only its second way succeeded: twice the build time and a failed graph dumped. Traced here as that first
+    try does (no ONNX: cheaper), then run at a length and padding other than the example's."""
+    model = converted("gpt2", "transformer_xl")
+    with eager_backend(model), torch.no_grad():
+        program = torch.export.export(traced_module(model), example_inputs(model),
+                                      dynamic_shapes=dynamic_shapes(model), strict=False)
+        batch = padded_batch(40, model.config.pad_token_id)
+        expected = model(**batch).logits
+    rows = batch["attention_mask"].bool()
+    torch.testing.assert_close(program.module()(*batch.values())[rows], expected[rows], atol=TOLERANCE, rtol=0)
 
 
 # ---- item 5: an export that fails ends in one line, exit code 2, nothing written

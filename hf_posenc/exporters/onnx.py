@@ -108,18 +108,25 @@ def example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     return input_ids, attention_mask, mask_position_ids(attention_mask)
 
 
-def write_onnx(model: nn.Module, folder: Path) -> Path:
+def traced_module(model: nn.Module) -> nn.Module:
+    """What the graph is traced from: the model's first output from the inputs :func:`input_names` lists."""
+    return (PositionedOutput(model) if takes_position_ids(model) else FirstOutput(model)).eval()
+
+
+def dynamic_shapes(model: nn.Module) -> dict[str, dict[int, torch.export.Dim]]:
+    """Every input symbolic in batch (axis 0) and sequence (axis 1)."""
     batch = torch.export.Dim("batch", min=1)
     length = torch.export.Dim("sequence", min=1)
-    names = input_names(model)
-    wrapper = PositionedOutput(model) if takes_position_ids(model) else FirstOutput(model)
+    return {name: {0: batch, 1: length} for name in input_names(model)}
+
+
+def write_onnx(model: nn.Module, folder: Path) -> Path:
     with eager_backend(model), torch.no_grad(), warnings.catch_warnings():
         for message in QUIET:
             warnings.filterwarnings("ignore", message=message)
         program = torch.onnx.export(
-            wrapper.eval(), example_inputs(model), dynamo=True, verbose=False,
-            input_names=list(names), output_names=["logits"],
-            dynamic_shapes={name: {0: batch, 1: length} for name in names},
+            traced_module(model), example_inputs(model), dynamo=True, verbose=False,
+            input_names=list(input_names(model)), output_names=["logits"], dynamic_shapes=dynamic_shapes(model),
         )
     path = folder / FILE_NAME
     program.save(str(path))

@@ -42,6 +42,16 @@ def distance_sinusoid(distances: torch.Tensor, dim: int, base: float) -> torch.T
     return torch.cat([angles.sin(), angles.cos()], dim=-1)[:, :dim]
 
 
+def distance_range(relative: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of ``relative``: Python ints, or while exporting data-dependent sizes the graph computes (``int()``
+    of a traced value is a guard torch.export cannot decide: it failed, and torch.onnx retried a second way)."""
+    if not torch.compiler.is_exporting():
+        return int(relative.min()), int(relative.max())
+    low, high = relative.min().item(), relative.max().item()
+    torch._check(low <= high)
+    return low, high
+
+
 class TransformerXL(PositionMethod):
     name = "transformer_xl"
     Options = TransformerXLOptions
@@ -63,7 +73,7 @@ class TransformerXL(PositionMethod):
 
         def build():
             relative = q_pos[:, :, None] - k_pos[:, None, :]  # (P, Lq, Lk) i - j
-            low, high = int(relative.min()), int(relative.max())
+            low, high = distance_range(relative)
             values = torch.arange(low, high + 1, device=k_pos.device)
             return (relative - low)[:, None], distance_sinusoid(values, self.shape.hidden_size, self.options.base)
 
