@@ -71,7 +71,8 @@ class Learned(PositionMethod):
             self.table.weight.copy_(extended_table(table.to(self.table.weight.device), rows, self.options.extend))
 
     def embed(self, position_ids: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_exporting():  # the range checks read values, which a traced graph (ONNX) has not
+        # the range checks read values, which a traced graph (ONNX, torch.compile fullgraph) has not: eager only
+        if torch.compiler.is_exporting() or torch.compiler.is_compiling():
             return self.table(position_ids)  # (B|1, L, E)
         rows = self.table.num_embeddings
         if position_ids.numel() and int(position_ids.min()) < 0:
