@@ -189,6 +189,19 @@ def test_length_past_explicit_max_length(checkpoints, text_path, capsys):
     assert "exceed max_length=256" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("model_args", "message"), [
+    ("max_length=abc", "max_length=abc in --model_args must be a positive whole number of tokens"),  # TypeError
+    ("max_length=1.5", "max_length=1.5 in --model_args must be a positive whole number of tokens"),
+    ("max_length=0", "max_length=0 in --model_args must be a positive whole number"),  # was: the config's limit
+    ("batch_size=4", "batch_size in --model_args: lm-eval passes its own flag"),  # TypeError: multiple values
+])
+def test_a_bad_model_arg_is_one_line_naming_it(checkpoints, text_path, capsys, model_args, message):
+    rc = run_eval(f"pretrained={checkpoints['learned']},{model_args}", "posenc_ppl", metadata(text_path))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.strip().splitlines()[-1].startswith(f"hf-posenc eval: error: {message}")
+
+
 # --- task data ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tokenizer(tiny_tokenizer_dir):

@@ -22,6 +22,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import get_dtype
+from lm_eval.utils import simple_parse_args_string
 from torch import nn
 
 import hf_posenc
@@ -46,6 +47,8 @@ class HFPosencLM(HFLM):
 
     def __init__(self, pretrained, posenc: str | None = None, max_position_embeddings: int | None = None,
                  **kwargs: Any) -> None:
+        if kwargs.get("max_length") is not None:  # lm-eval passes what it could not parse as a number as a str
+            kwargs["max_length"] = whole_tokens("max_length", kwargs["max_length"])
         options = {}
         if posenc is not None:
             fields = method_class(posenc).Options.__dataclass_fields__
@@ -73,6 +76,16 @@ class HFPosencLM(HFLM):
                 f"would index past its position table. Convert it: add posenc=alibi (or another method) to "
                 f"--model_args, or save a converted copy with `hf-posenc convert`; or lower max_length to {limit}."
             )
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "HFPosencLM":
+        refuse_flags_in_model_args(simple_parse_args_string(arg_string), additional_config)
+        return super().create_from_arg_string(arg_string, additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "HFPosencLM":
+        refuse_flags_in_model_args(arg_dict, additional_config)
+        return super().create_from_arg_obj(arg_dict, additional_config)
 
     # -- loading -------------------------------------------------------------------------------------------
     def _create_model(self, pretrained: str, *, peft: str | None = None, dtype="auto", revision="main",
@@ -172,6 +185,26 @@ def _resolve(pretrained: str) -> str:
     if pretrained.startswith((os.sep, ".", "~")) or pretrained.count("/") > 1:
         raise EvalInputError(f"model path {pretrained!r} does not exist")
     return pretrained
+
+
+def whole_tokens(name: str, value: Any) -> int:
+    """A model arg that counts tokens (``max_length``): a positive whole number, as lm-eval parsed it."""
+    whole = ((isinstance(value, int) and not isinstance(value, bool))
+             or (isinstance(value, float) and value.is_integer()))
+    if not whole or value < 1:
+        raise EvalInputError(f"{name}={value} in --model_args must be a positive whole number of tokens, "
+                             f"e.g. {name}=8192")
+    return int(value)
+
+
+def refuse_flags_in_model_args(model_args: dict, flags: dict | None) -> None:
+    """lm-eval passes its own flags (--batch_size, --max_batch_size, --device) to the model too: the same key in
+    --model_args would be given twice (a raw TypeError)."""
+    twice = sorted(key for key, value in (flags or {}).items() if value is not None and key in model_args)
+    if twice:
+        raise EvalInputError(f"{', '.join(twice)} in --model_args: lm-eval passes its own flag for "
+                             f"{'them' if len(twice) > 1 else 'it'} to the model as well; give "
+                             f"{' '.join(f'--{key} ...' for key in twice)} instead")
 
 
 def learned_position_limit(model: nn.Module) -> int | None:
