@@ -29,6 +29,14 @@ from .methods.base import ModelShape, PositionMethod
 from .registry import arch_for, method_class
 
 
+def trained_context(config) -> int:
+    """The context a checkpoint runs at, which a conversion takes as its trained context (the old limit, what
+    scalings and extensions are relative to): ``max_position_embeddings``. For a checkpoint with its own scaled
+    rotary (Llama 3.1: 131072) that is the scaled context; the context before its scaling
+    (``rope_parameters["original_max_position_embeddings"]``, 8192) stays with that rotary."""
+    return int(config.max_position_embeddings)
+
+
 def model_shape(spec: ArchSpec, model: PreTrainedModel) -> ModelShape:
     config, base = model.config, model.base_model
     table = base.get_submodule(spec.position_table) if spec.position_table else None
@@ -41,7 +49,7 @@ def model_shape(spec: ArchSpec, model: PreTrainedModel) -> ModelShape:
         hidden_size=config.hidden_size,
         num_layers=config.num_hidden_layers,
         causal=spec.is_causal(config),
-        original_max_positions=config.max_position_embeddings,
+        original_max_positions=trained_context(config),
         native_rotary=spec.rotary is not None,
         native_rope_theta=rope_parameters.get("rope_theta") if spec.rotary else None,
         native_rope_parameters=copy.deepcopy(rope_parameters) if spec.rotary else None,

@@ -238,3 +238,18 @@ def test_a_fit_budget_outside_the_rotary_recipe_is_refused(tmp_path, tiny_llama_
     assert run(tmp_path, tiny_llama_dir, *extra, method=()) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_trained_context_is_the_one_convert_takes_for_a_scaled_rotary(tmp_path):
+    """A Llama-3.1-style checkpoint (llama3 rotary, its own original_max_position_embeddings 16 < the limit 64):
+    retrofit's plan (eval lengths, PoSE target, selection window) read 16, convert the old limit 64."""
+    import transformers
+
+    import hf_posenc
+
+    rope = {"rope_type": "llama3", "rope_theta": 1e4, "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}
+    tiny_model("llama", rope_parameters=rope, num_hidden_layers=1).save_pretrained(tmp_path / "llama31")
+    _, trained = retrofit.model_facts(str(tmp_path / "llama31"))
+    converted = hf_posenc.convert(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama31"), "alibi")
+    assert trained == converted.config.posenc["original_max_position_embeddings"] == 64

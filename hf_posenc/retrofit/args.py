@@ -12,6 +12,7 @@ import transformers
 
 from .. import sources
 from ..cli import NAMED_ARGUMENTS, parse_option
+from ..convert import trained_context
 from ..registry import arch_for, method_class
 from ..training import load_config
 from .plan import Plan
@@ -173,10 +174,7 @@ def model_facts(model: str):
         config = transformers.AutoConfig.from_pretrained(sources.resolve_model(model))
     except OSError as err:
         raise ValueError(f"cannot read the model config of {model!r}: {err}") from None
-    spec = arch_for(config)
-    rope = getattr(config, "rope_parameters", None) or {}
-    trained = rope.get("original_max_position_embeddings") or config.max_position_embeddings
-    return spec, int(trained)
+    return arch_for(config), trained_context(config)  # what convert takes as the old limit
 
 
 def corpora(train, other: str | None) -> dict[str, Path]:
