@@ -52,7 +52,7 @@ def convert_main(argv: list[str]) -> int:
         check_output_dir(args.out, args.overwrite)  # before loading anything
     except OutputExistsError as err:
         parser.error(str(err))
-    options = dict(_parse_option(o, parser) for o in args.option)
+    options = _parse_options(args.option, parser)
     backend = _checked_options(args, options, parser)
     args.model_path = _model_location(args.model_path, parser)
     model_class = args.model_class or _checkpoint_class(args.model_path, parser)
@@ -146,9 +146,21 @@ def parse_option(text: str) -> tuple[str, object]:
         return key, value  # a bare string such as yarn
 
 
-def _parse_option(text: str, parser: argparse.ArgumentParser) -> tuple[str, object]:
+def parse_options(texts: list[str]) -> dict[str, object]:
+    """Every ``--option KEY=VALUE`` -> {key: value}; a key given twice is refused (ValueError), not the last
+    value taken silently."""
+    options: dict[str, object] = {}
+    for text in texts:
+        key, value = parse_option(text)
+        if key in options:
+            raise ValueError(f"--option {key}=... is given twice ({options[key]!r} and {value!r}); give it once")
+        options[key] = value
+    return options
+
+
+def _parse_options(texts: list[str], parser: argparse.ArgumentParser) -> dict[str, object]:
     try:
-        return parse_option(text)
+        return parse_options(texts)
     except ValueError as err:
         parser.error(str(err))
 

@@ -143,6 +143,8 @@ def gpt2_checkpoint(tmp_path_factory, tiny_tokenizer_dir):
     # an option with a flag of its own: was `TypeError: multiple values for keyword argument`
     (["--option", "max_position_embeddings=128"], "not a method option; pass --max-position-embeddings 128"),
     (["--option", "thetaa=5"], "unknown option(s) ['thetaa'] for method 'alibi'"),
+    (["--option", "slope_scale=2", "--option", "slope_scale=3"],  # was: the last value, silently
+     "--option slope_scale=... is given twice (2 and 3); give it once"),
     (["--max-position-embeddings", "0"], "max_position_embeddings must be a positive integer"),
     (["--max-position-embeddings", "32"], "below the model's current limit 64"),  # known once the model is read
 ])
@@ -176,6 +178,8 @@ def test_retrofit_flag_errors_exit_2_with_one_line(tiny_llama_dir, tmp_path, cap
         ([str(afile)], f"--out {afile} is an existing file, not a folder; choose another --out"),
         ([str(tmp_path / "o"), "--option", "factor"], "--option expects KEY=VALUE"),
         ([str(tmp_path / "o"), "--option", "max_position_embeddings=256"], "--option max_position_embeddings=... is not a method option; set"),
+        ([str(tmp_path / "o"), "--option", "slope_scale=2", "--option", "slope_scale=2"],
+         "--option slope_scale=... is given twice (2 and 2); give it once"),
     ):
         assert retrofit.main(base + extra) == 2
         assert f"hf-posenc retrofit: error: {message}" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import transformers
 
 from .. import sources
-from ..cli import NAMED_ARGUMENTS, parse_option
+from ..cli import NAMED_ARGUMENTS, parse_options
 from ..convert import trained_context
 from ..registry import arch_for, method_class
 from ..training import load_config
@@ -72,7 +72,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def method_options(texts: list[str]) -> dict[str, Any]:
     """``--option KEY=VALUE`` flags -> the method's options; a convert argument with a key of its own is refused."""
-    options = dict(parse_option(text) for text in texts)
+    options = parse_options(texts)
     for key in NAMED_ARGUMENTS:
         if key in options:
             raise ValueError(f"--option {key}=... is not a method option; set `{key}:` in the --config YAML instead")
