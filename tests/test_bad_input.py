@@ -230,13 +230,23 @@ def test_mlm_masking_needs_every_tokenizer_id_in_the_embedding(tiny_tokenizer):
     # checks only the loaded model can make: were a raw ValueError from convert, or an error after the last step
     ("gpt2", {"max_position_embeddings": 32}, "ConfigError", "method 'alibi': .*below the model's current limit 64"),
     ("gpt2", {"method": "learned", "max_position_embeddings": 64, "eval_multipliers": [1, 4]}, "ConfigError",
-     r"reaches 128 tokens, but the model runs at most 64 \(.*learned table.*set max_position_embeddings: 128"),
+     r"reaches 128 tokens, but the model runs at most 64 \(.*learned method embeds positions below 64 only.*set "
+     "max_position_embeddings: 128"),
+    # a position limit is the method's declared capability (PositionMethod.position_limit), not a name list
+    ("gpt2", {"method": "sinusoidal", "eval_multipliers": [1, 2], "position_limit": 48}, "ConfigError",
+     r"reaches 64 tokens, but the model runs at most 48 \(.*sinusoidal method embeds positions below 48 only"),
     ("roberta", {"max_position_embeddings": 64, "eval_multipliers": [1, 2]}, "ConfigError",
      r"runs at most 62 \(max_position_embeddings=64: the roberta length buffers\); set max_position_embeddings: 66"),
 ])
-def test_a_finetune_refused_by_its_checks_leaves_no_folder(finetune_models, tmp_path, model, overrides, error,
-                                                           message):
+def test_a_finetune_refused_by_its_checks_leaves_no_folder(finetune_models, tmp_path, monkeypatch, model, overrides,
+                                                           error, message):
     import hf_posenc.training as training
+    from hf_posenc.registry import method_class
+
+    overrides = dict(overrides)
+    if "position_limit" in overrides:  # a method declaring a limit of its own
+        limit = overrides.pop("position_limit")
+        monkeypatch.setattr(method_class(overrides["method"]), "position_limit", property(lambda self: limit))
 
     errors = {"DataError": training.DataError, "ConfigError": training.ConfigError,
               "FileNotFoundError": FileNotFoundError}

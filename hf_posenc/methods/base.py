@@ -277,6 +277,12 @@ class PositionMethod(nn.Module):
         self.options = options
         self.shape = shape
 
+    @property
+    def position_limit(self) -> int | None:
+        """A hard limit: the method embeds positions 0 .. position_limit - 1 only (a learned table's rows) and
+        refuses any past them; None where every position runs (what a conversion is for)."""
+        return None
+
     # -- hooks (overridden by the methods that declare the matching flag) ------------------------------
     @property
     def rotate_in_attention(self) -> bool:

@@ -59,6 +59,10 @@ class Learned(PositionMethod):
         self.table = nn.Embedding(rows, shape.hidden_size)  # (N, E), filled by inherit_positions
         nn.init.zeros_(self.table.weight)
 
+    @property
+    def position_limit(self) -> int:
+        return self.table.num_embeddings  # embed() refuses a position at or past it
+
     def inherit_positions(self, table: torch.Tensor | None) -> None:
         if table is None:  # no table to keep (Llama-style): a fresh one, zeros
             return

@@ -191,22 +191,21 @@ def _check_pose_limit(config: TrainConfig, model: nn.Module, plan: ModelPlan) ->
                           f"max_position_embeddings={limit}; {fix}")
 
 
-# methods whose positions index a table of max_position_embeddings rows: nothing runs past the last row
-TABLE_METHODS = ("learned",)
-
-
 def _check_eval_limit(config: TrainConfig, model: nn.Module) -> None:
     """The final evaluation runs seq_len x max(eval_multipliers) tokens: refuse it up front where the converted
-    model cannot run that far (a learned table, or a family's length buffers such as BERT's token_type_ids), not
-    as an error after the last step."""
+    model cannot run that far (a method with a position limit such as a learned table's rows, or a family's length
+    buffers such as BERT's token_type_ids), not as an error after the last step."""
     spec, limit = arch_for(model.config), model.config.max_position_embeddings
-    method = model.config.posenc["method"]
-    if method not in TABLE_METHODS and spec.extend_limit is None:
+    method = getattr(model.base_model, METHOD_MODULE)
+    if method.position_limit is None and spec.extend_limit is None:
         return  # no hard limit: runs past max_position_embeddings (what the conversion is for)
+    limit = min(limit, method.position_limit or limit)
     offset = spec.table_offset(model.config) if spec.position_table is not None else 0  # RoBERTa: pad + 1
     longest = config.seq_len * max(config.eval_multipliers)
     if longest > limit - offset:
-        why = f"the {method} table's rows" if method in TABLE_METHODS else f"the {spec.family} length buffers"
+        why = (f"the {method.name} method embeds positions below {method.position_limit} only"
+               if method.position_limit is not None else
+               f"the {spec.family} length buffers")
         fix = f"set max_position_embeddings: {longest + offset} (or more), or " if config.method else ""
         raise ConfigError(
             f"seq_len x eval_multipliers reaches {longest} tokens, but the model runs at most {limit - offset} "
