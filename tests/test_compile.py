@@ -54,11 +54,13 @@ def test_static_generate_at_batch_two_never_recompiles(family, case):
     assert torch.equal(compiled, expected)
 
 
-def test_learned_forward_compiles_as_one_graph_and_equals_eager():
-    """The learned table's range checks read position values (``int(position_ids.min())``): a data-dependent guard
-    that failed torch.compile(fullgraph=True). Skipped while compiling; eager keeps them."""
-    model = converted("gpt2", "learned")
-    x = ids(2, 20)
+@pytest.mark.parametrize("case, length", [("learned", 20), ("rope-dynamic_yarn", 150)])
+def test_a_forward_that_read_values_compiles_as_one_graph_and_equals_eager(case, length):
+    """Data-dependent guards torch.compile(fullgraph=True) failed on: the learned table's range checks
+    (``int(position_ids.min())``: skipped while compiling, eager keeps them) and Dynamic YaRN's per-row lengths as
+    Python numbers (its traced form, as for ONNX; 150 tokens: past the trained context, the scale follows it)."""
+    model = converted("gpt2", case)
+    x = ids(2, length)
     with torch.no_grad():
         expected = model(x).logits
         torch._dynamo.reset()

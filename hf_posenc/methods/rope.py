@@ -400,7 +400,7 @@ class Rope(PositionMethod):
         if not self.follows_length:
             inv_freq, scaling = self._inv_freq(seq_len=None, device=device)
             return inv_freq.float()[None], torch.tensor(float(scaling), device=device).reshape(1, 1, 1, 1)
-        if self.options.scaling == "dynamic_yarn" and torch.compiler.is_exporting():
+        if self.options.scaling == "dynamic_yarn" and (torch.compiler.is_exporting() or torch.compiler.is_compiling()):
             return self._traced_dynamic_yarn(k_pos, device)
         if self.options.scaling == "longrope":
             return self._longrope_rows(k_pos, device)
