@@ -132,17 +132,13 @@ def test_a_kept_llama3_rotary_exports_natively_with_its_trained_context(tmp_path
             assert (native(input_ids=x).logits - model(input_ids=x).logits).abs().max() <= TOLERANCE, length
 
 
-KEPT_BY_LENGTH = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0, 1.5, 2.0, 3.0],
-                  "long_factor": [1.0, 2.0, 4.0, 8.0], "original_max_position_embeddings": 16}
-
-
 @pytest.mark.parametrize(("rope", "options", "reason"), [
     (LLAMA3, {"scaling": "yarn", "factor": 2.0}, "scaling='yarn' on top of the checkpoint's own 'llama3' rotary"),
-    (KEPT_BY_LENGTH, {}, "the checkpoint's own 'longrope' rotary follows each input's length"),
     ({"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}, {}, "the checkpoint's own 'dynamic' rotary"),
 ])
 def test_a_rotary_hf_posenc_rotates_itself_is_refused_natively_with_the_reason(rope, options, reason):
-    """rotate_in_attention (not the family's rotary module): refused before anything is built (it was a ValueError
+    """rotate_in_attention (not the family's rotary module), longrope aside (transformers' own equals it: a kept
+    longrope checkpoint exports natively, tests/test_longrope.py): refused before anything is built (it was a ValueError
     from native_rope_parameters() in the build, or a self-check failure), and format='auto' goes elsewhere."""
     model = hf_posenc.convert(tiny_model("llama", rope_parameters=dict(rope), **ONE_LAYER["llama"]), "rope", **options)
     assert model.base_model.posenc.rotate_in_attention
