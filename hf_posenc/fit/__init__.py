@@ -17,7 +17,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from .run import EVALUATIONS, FACTORS, SUMMARY, FitSettings, IdentityError, fit
+import transformers
+
+from ..sources import resolve_model
+from .run import EVALUATIONS, FACTORS, SUMMARY, FitSettings, IdentityError
+from .setup import fit, process_state
 
 __all__ = ["EVALUATIONS", "FACTORS", "SUMMARY", "FitSettings", "IdentityError", "fit", "main", "parse_args"]
 
@@ -71,11 +75,6 @@ def check_settings(settings: FitSettings) -> str | None:
 
 def load(model: str):
     """(unconverted causal LM on this process' device, its tokenizer)."""
-    import transformers
-
-    from ..sources import resolve_model
-    from .setup import process_state
-
     location = resolve_model(model)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(location).to(process_state().device).eval()
     return loaded, transformers.AutoTokenizer.from_pretrained(location)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -171,27 +170,3 @@ def write_results(state: Search, seconds: float | None = None) -> None:
                "candidates": len(state.records), "best": {k: v for k, v in top.items() if k != "long_factor"},
                "seeds": seeds, "wall_seconds_this_run": seconds, "processes": state.world}
     write_text_atomic(state.settings.out / SUMMARY, json.dumps(summary, indent=1) + "\n")
-
-
-def fit(settings: FitSettings, original, tokenizer, progress_bar: bool = True) -> dict:
-    """Run (or resume) the fit; returns the best record. ``original``: the unconverted model, on its device."""
-    from tqdm.auto import tqdm
-
-    from .setup import check_out, distributed, load_history, only_run, prepare
-
-    began = time.perf_counter()
-    rank, world, gather = distributed()
-    check_out(settings.out)
-    state = prepare(settings, original, tokenizer, rank, world)
-    if settings.budget < state.objective.forwards:
-        raise ValueError(f"--budget {settings.budget} is less than one candidate's {state.objective.forwards} "
-                         "forward passes")
-    with only_run(settings.out, rank):
-        load_history(state)
-        progress = tqdm(total=settings.budget, initial=min(state.spent, settings.budget), unit="forward",
-                        desc="fit", disable=rank != 0 or not progress_bar)
-        with progress:
-            run_search(state, progress, gather)
-        if rank == 0:
-            write_results(state, time.perf_counter() - began)
-    return best(state.records)

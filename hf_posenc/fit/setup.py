@@ -4,15 +4,18 @@ identity and its history (or a refusal), and the processes it runs on."""
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
+from tqdm.auto import tqdm
 
 from .._seams import rope_frequencies, rope_init_config
 from ..convert import model_shape
 from ..registry import arch_for
 from . import search
 from .objective import build_objective, candidate_model
-from .run import EVALUATIONS, FitSettings, Search, digest, factor_options, read_history, start_file
+from .run import (EVALUATIONS, FitSettings, Search, best, digest, factor_options, read_history, run_search, start_file,
+                  write_results)
 
 
 def process_state():
@@ -112,3 +115,22 @@ def only_run(out, rank: int):
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
+
+def fit(settings: FitSettings, original, tokenizer, progress_bar: bool = True) -> dict:
+    """Run (or resume) the fit; returns the best record. ``original``: the unconverted model, on its device."""
+    began = time.perf_counter()
+    rank, world, gather = distributed()
+    check_out(settings.out)
+    state = prepare(settings, original, tokenizer, rank, world)
+    if settings.budget < state.objective.forwards:
+        raise ValueError(f"--budget {settings.budget} is less than one candidate's {state.objective.forwards} "
+                         "forward passes")
+    with only_run(settings.out, rank):
+        load_history(state)
+        progress = tqdm(total=settings.budget, initial=min(state.spent, settings.budget), unit="forward",
+                        desc="fit", disable=rank != 0 or not progress_bar)
+        with progress:
+            run_search(state, progress, gather)
+        if rank == 0:
+            write_results(state, time.perf_counter() - began)
+    return best(state.records)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+from ..fit import FACTORS, SUMMARY, FitSettings, fit
 from .models import load_original
 from .plan import Plan
 from .stages import stage_key
@@ -13,8 +14,6 @@ from .stages import stage_key
 
 def fit_candidate(plan: Plan) -> list[dict]:
     """Run (or resume) the fit; [the candidate "rope, scaling longrope, the fitted factors"]."""
-    from ..fit import FACTORS, SUMMARY, FitSettings, fit
-
     data = plan.train.data.text or plan.train.data.files[0]
     settings = FitSettings(plan.train.model, plan.fit_target, str(data), plan.fit_budget, plan.out)
     out = plan.out / f"fit-longrope-{stage_key(settings.identity())}"
