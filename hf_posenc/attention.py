@@ -45,9 +45,10 @@ def posenc_attention_forward(
     q_len, k_len = query.shape[2], key.shape[2]
     state.query_positions(kwargs.get("position_ids"))
     q_pos, k_pos = state.positions(q_len, k_len, query.device)  # (P, Lq), (P, Lk)
-    two_pass = method.term.rotation_form == "two_pass" and state.memo.get(
+    rotates = method.rotate_in_attention and module.layer_idx not in method.shape.own_rotary_layers
+    two_pass = rotates and method.term.rotation_form == "two_pass" and state.memo.get(
         ("far_pairs", q_len, k_len, causal), lambda: method.has_far_pairs(q_pos, k_pos, causal))
-    if method.rotate_in_attention and not two_pass:  # a two-pass kernel rotates itself
+    if rotates and not two_pass:  # a two-pass kernel rotates itself
         if module.layer_idx in state.prerotated:  # the cache stored this layer's new keys rotated (key_cache)
             query = method.rotate_queries(query, q_pos, k_pos, state.memo)
         else:

@@ -18,8 +18,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from . import _seams, hub_code, restore
-from .arches.base import (ArchSpec, EmbedBeforeFirstLayer, IdentityRotary, MethodPositions, ZeroPositions, rms,
-                          set_submodule)
+from .arches.base import (ArchSpec, EmbedBeforeFirstLayer, IdentityRotary, LayerTypeRotary, MethodPositions,
+                          ZeroPositions, rms, set_submodule)
 from .attention import register
 from .method_ref import MethodRef, attach_method
 from .hooks import ATTN_IMPLEMENTATION, METHOD_MODULE, ForwardHooks
@@ -37,11 +37,12 @@ def trained_context(config) -> int:
     return int(config.max_position_embeddings)
 
 
-def model_shape(spec: ArchSpec, model: PreTrainedModel) -> ModelShape:
+def model_shape(spec: ArchSpec, model: PreTrainedModel, rotates: bool = False) -> ModelShape:
+    """``rotates``: the method rotates q / k (on a per-layer-type rotary it then leaves some layers to it)."""
     config, base = model.config, model.base_model
     table = base.get_submodule(spec.position_table) if spec.position_table else None
     embeddings = model.get_input_embeddings().weight
-    rope_parameters = getattr(config, "rope_parameters", None) or {}
+    rope_parameters = spec.rope_parameters(config)
     return ModelShape(
         num_heads=config.num_attention_heads,
         num_kv_heads=spec.num_kv_heads(config),
@@ -53,6 +54,7 @@ def model_shape(spec: ArchSpec, model: PreTrainedModel) -> ModelShape:
         native_rotary=spec.rotary is not None,
         native_rope_theta=rope_parameters.get("rope_theta") if spec.rotary else None,
         native_rope_parameters=copy.deepcopy(rope_parameters) if spec.rotary else None,
+        own_rotary_layers=spec.own_rotary_layers(config) if rotates else frozenset(),
         replaced_position_rms=_rms(table.weight) if isinstance(table, nn.Embedding) else None,
         token_embedding_rms=_scaled(_rms(embeddings), spec.token_embedding_scale(config)),
         weights_known=not embeddings.is_meta,
@@ -99,7 +101,7 @@ def convert(model: PreTrainedModel, method: str | PosEncConfig, /, max_position_
             f"found no {spec.attention_classes} modules in {type(model).__name__}: the transformers internals "
             f"hf_posenc relies on for {spec.family!r} have moved (transformers {transformers.__version__})"
         )
-    shape = model_shape(spec, model)
+    shape = model_shape(spec, model, rotates=method_class(posenc.method).term.rotation)
     if posenc.original_max_position_embeddings is not None:  # rebuilt: its config holds the conversion's rotary;
         shape = dataclasses.replace(shape, native_rope_parameters=None)  # the checkpoint's is in the options
     default_limit = min(max(16 * shape.original_max_positions, 8192), MAX_POSITIONS)  # a reload checks the cap
@@ -208,11 +210,22 @@ def _native_rotary(spec: ArchSpec, model, method: PositionMethod, shape: ModelSh
     if method.rotates and not method.rotate_in_attention:
         # re-configure the model's own rotary class; it reads the *trained* context as max_position_embeddings
         config = copy.deepcopy(model.config)
-        config.rope_parameters = method.native_rope_parameters()
+        config.rope_parameters = _rope_parameters(spec, model.config, method)
         config.max_position_embeddings = method.options.original_max_positions
         device = next((b.device for b in old.buffers()), None)
         return type(old)(config).to(device)
+    if method.rotates and spec.rope_layer_type is not None:  # the other layer types keep their own rotary
+        kept = frozenset(model.config.layer_types) - {spec.rope_layer_type}
+        return LayerTypeRotary(old, kept, shape.head_dim)
     return IdentityRotary(shape.head_dim)
+
+
+def _rope_parameters(spec: ArchSpec, config, method: PositionMethod) -> dict:
+    """``config.rope_parameters`` for a method the native rotary computes: its own, in the place of
+    ``rope_layer_type``'s on a per-layer-type rotary (the other types' entries kept)."""
+    if spec.rope_layer_type is None:
+        return method.native_rope_parameters()
+    return {**copy.deepcopy(config.rope_parameters), spec.rope_layer_type: method.native_rope_parameters()}
 
 
 def _disable_native_positions(spec: ArchSpec, model, method: PositionMethod, rotary, dtype) -> None:
@@ -226,7 +239,7 @@ def _disable_native_positions(spec: ArchSpec, model, method: PositionMethod, rot
     if rotary is not None:
         set_submodule(base, spec.rotary, rotary)
         if method.rotates and not method.rotate_in_attention:
-            model.config.rope_parameters = method.native_rope_parameters()
+            model.config.rope_parameters = _rope_parameters(spec, model.config, method)
     if method.embeds and not spec.position_table:
         first_layer = base.get_submodule(spec.decoder_layers)[0]
         first_layer.register_forward_pre_hook(EmbedBeforeFirstLayer(MethodRef(base, METHOD_MODULE)),

@@ -47,9 +47,10 @@ class RotateOnWrite:
                 "this KV cache holds keys rotated by an hf_posenc RoPE model; only a forward of that model can "
                 "extend it (not one inside hf_posenc.original_positions, nor another model's)"
             )
-        positions = state.new_key_positions(key_states.shape[-2], key_states.device)  # (P, Lq)
-        key_states = state.method.rotate_keys(key_states, positions, state.memo)
-        state.prerotated.add(layer_idx)
+        if layer_idx not in state.method.shape.own_rotary_layers:  # else the model's own rotary rotated them
+            positions = state.new_key_positions(key_states.shape[-2], key_states.device)  # (P, Lq)
+            key_states = state.method.rotate_keys(key_states, positions, state.memo)
+            state.prerotated.add(layer_idx)
         return type(self.cache).update(self.cache, key_states, value_states, layer_idx, *args, **kwargs)
 
 
@@ -83,9 +84,9 @@ def end_forward(state, cache_in, cache_out, written: torch.Tensor | None) -> Non
     if any(_seams.layer_keys(layer) is not None and _seams.layer_keys(layer).shape[-2] != written.shape[-1]
            for layer in layers):
         return  # not every key is one this forward wrote at ``written``: leave them to attention
-    for layer in layers:
+    for index, layer in enumerate(layers):
         keys = _seams.layer_keys(layer)
-        if keys is not None:
+        if keys is not None and index not in method.shape.own_rotary_layers:
             _seams.set_layer_keys(layer, method.rotate_keys(keys, written.to(keys.device), state.memo))
     install(cache_out)
 

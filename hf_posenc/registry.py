@@ -24,6 +24,8 @@ METHODS: dict[str, type[PositionMethod]] = {
 }
 
 ARCH_BY_MODEL_TYPE: dict[str, ArchSpec] = {t: spec for spec in ARCHES for t in spec.model_types}
+# model types of a supported family's checkpoints that it does not cover -> why, and the fix
+REFUSED_MODEL_TYPES: dict[str, str] = {t: why for spec in ARCHES for t, why in spec.refused_model_types}
 
 
 def available_methods() -> list[str]:
@@ -44,6 +46,8 @@ def method_class(name: str) -> type[PositionMethod]:
 
 def arch_for(config) -> ArchSpec:
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED_MODEL_TYPES:
+        raise ValueError(f"unsupported architecture {model_type!r}: {REFUSED_MODEL_TYPES[model_type]}")
     try:
         return ARCH_BY_MODEL_TYPE[model_type]
     except KeyError:

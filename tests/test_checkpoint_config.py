@@ -197,6 +197,16 @@ def test_dropping_the_checkpoints_scaling_is_explicit():
 
 
 # ---- the sweep: every field that shapes positions or attention, per family ----------------------------------------
+GEMMA3 = {"layer_types": ["sliding_attention", "full_attention"]}  # kept: 2 layers would both be sliding by default
+
+
+def gemma3_rope(sliding: dict | None, full: dict | None) -> dict:
+    """The tiny Gemma 3's fields with these rope_parameters per layer type (None: its own)."""
+    own = tiny_config("gemma3").rope_parameters
+    return {**GEMMA3, "rope_parameters": {"sliding_attention": sliding or own["sliding_attention"],
+                                          "full_attention": full or own["full_attention"]}}
+
+
 SLIDING = {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}
 FIELDS = [  # (family, field name, config fields, whether the same weights without it give other logits)
     ("llama", "head_dim", {"head_dim": 16}, False),
@@ -217,6 +227,14 @@ FIELDS = [  # (family, field name, config fields, whether the same weights witho
     ("gemma2", "final_logit_softcapping", {"final_logit_softcapping": 0.5}, True),
     ("gemma2", "sliding_window", {"sliding_window": 4}, True),
     ("gemma2", "head_dim", {"head_dim": 16, "query_pre_attn_scalar": 16}, False),
+    ("gemma3", "sliding_window", {**GEMMA3, "sliding_window": 4}, True),
+    ("gemma3", "query_pre_attn_scalar", {**GEMMA3, "query_pre_attn_scalar": 7}, True),
+    ("gemma3", "final_logit_softcapping", {**GEMMA3, "final_logit_softcapping": 0.5}, True),
+    ("gemma3", "rope_theta of the sliding layers", gemma3_rope({"rope_type": "default", "rope_theta": 37.0}, None),
+     True),
+    ("gemma3", "rope_theta of the full layers", gemma3_rope(None, {"rope_type": "default", "rope_theta": 37.0}), True),
+    ("gemma3", "a linear scaling on the full layers (Gemma 3 4B+)",
+     gemma3_rope(None, {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}), True),
 ]
 KEEPERS = [("rope", {}), ("rope", {"scaling": "dynamic_yarn", "factor": 4.0}),
            ("self_extend", {"window": 8, "group": 4, "dynamic": True}), ("rerope", {"window": OLD_LIMIT - 1})]

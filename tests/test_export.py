@@ -44,13 +44,14 @@ CASES = {
                                "GPTNeoXForCausalLM"),
     "bert-rope": ("bert", "rope", {}, "native", "RoFormerForMaskedLM"),
     "gpt2-alibi": ("gpt2", "alibi", {}, "native", "BloomForCausalLM"),
+    "gemma3-yarn": ("gemma3", "rope", {"scaling": "yarn", "factor": 4.0}, "native", "Gemma3ForCausalLM"),
     "llama-alibi": ("llama", "alibi", {}, "onnx", None),
     "bert-t5": ("bert", "t5", {}, "onnx", None),
     "llama-dynamic-yarn": ("llama", "rope", {"scaling": "dynamic_yarn", "factor": 4.0}, "onnx", None),
     "llama-longrope-start": ("llama", "rope", {"scaling": "longrope", "factor": 4.0, "start_tokens": 4,
                                                "long_factor": [1.0, 1.5, 3.0, 6.0]}, "onnx", None),
 }
-CAUSAL = {"llama", "qwen2", "mistral", "gpt2"}
+CAUSAL = {"llama", "qwen2", "mistral", "gpt2", "gemma3"}
 
 FRESH_SCRIPT = r'''
 import json, sys

@@ -16,7 +16,8 @@ import pytest
 import torch
 import transformers
 from test_matrix import ids
-from tiny_models import CACHE_ARG, FAMILIES, GEMMA2_WINDOW, OLD_LIMIT, cache_of, is_encoder, tiny_config, tiny_model
+from tiny_models import (CACHE_ARG, FAMILIES, GEMMA2_WINDOW, GEMMA3_THETAS, OLD_LIMIT, cache_of, is_encoder,
+                         tiny_config, tiny_model)
 
 import hf_posenc
 from hf_posenc import _seams, attention_kwargs
@@ -171,6 +172,66 @@ def test_every_backend_honours_softcap(method):
             logits[backend] = model(x).logits
     for backend in ("auto", "sdpa", "flex"):
         torch.testing.assert_close(logits[backend], logits["eager"], atol=TOL, rtol=0)
+
+
+# ---- Gemma 3: a rotary per layer type, q/k norms, sliding windows --------------------------------------------
+def gemma3_with_thetas(sliding: float, full: dict | None = None, **overrides):
+    """The tiny Gemma 3 (same weights) with its sliding layers at ``sliding`` and ``full`` as its full layers' rope."""
+    full = full or {"rope_type": "default", "rope_theta": GEMMA3_THETAS["full_attention"]}
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": sliding}, "full_attention": full}
+    return tiny_model("gemma3", rope_parameters=rope, **overrides)
+
+
+def test_tiny_gemma3_exercises_both_thetas_and_the_window():
+    """Without these the tests below would pass whichever theta each layer got, and with the window ignored."""
+    x = ids(1, 3 * GEMMA2_WINDOW)
+    reference = tiny_model("gemma3")(x).logits
+    own = GEMMA3_THETAS["sliding_attention"]
+    for changed in (gemma3_with_thetas(10 * own), gemma3_with_thetas(own, {"rope_type": "default", "rope_theta": 37.0}),
+                    tiny_model("gemma3", sliding_window=4 * GEMMA2_WINDOW)):
+        assert (changed(x).logits - reference).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "eager"])
+@pytest.mark.parametrize("method, options", [("rope", {}), ("rope", {"scaling": "dynamic_yarn", "factor": 4.0}),
+                                             ("self_extend", {"window": 12, "group": 3, "dynamic": True})])
+def test_gemma3_converted_to_its_own_rope_is_the_original(backend, method, options):
+    """Each layer type's own theta, the q/k norms, the window and the query scalar all reached the kernel: the
+    unconverted model's logits inside the trained context (the tiny model's thetas 100 / 10000)."""
+    x = ids(2, 3 * GEMMA2_WINDOW)
+    model = hf_posenc.convert(tiny_model("gemma3"), method, backend=backend, **options)
+    torch.testing.assert_close(model(x).logits, tiny_model("gemma3")(x).logits, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("scaling, scale", [("yarn", 4.0), ("linear", 4.0), ("dynamic_yarn", 2.0)])
+def test_a_gemma3_scaling_applies_to_the_full_attention_layers_only(scaling, scale):
+    """transformers' own Gemma 3 with that scaling on its full layers' entry alone is the reference: the sliding
+    layers keep their own unscaled rotary (their window of 16 never reaches past the trained 64). Dynamic YaRN at
+    2x the trained context is YaRN x 2 (rotated by hf_posenc, not by the model's rotary)."""
+    x = ids(1, int(scale * OLD_LIMIT) if scaling == "dynamic_yarn" else 3 * GEMMA2_WINDOW)
+    model = hf_posenc.convert(tiny_model("gemma3"), "rope", scaling=scaling, factor=4.0)
+    full = {"rope_type": "yarn" if scaling == "dynamic_yarn" else scaling, "factor": scale,
+            "rope_theta": GEMMA3_THETAS["full_attention"]}
+    if scaling != "linear":
+        full["original_max_position_embeddings"] = OLD_LIMIT
+    reference = gemma3_with_thetas(GEMMA3_THETAS["sliding_attention"], full)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, reference(x).logits, atol=TOL, rtol=0)
+        assert (reference(x).logits - tiny_model("gemma3")(x).logits).abs().max() > 1e-2  # the scaling bites
+
+
+def test_a_gemma3_multimodal_model_is_refused_naming_the_text_model():
+    """Its vision tower is not covered: the error names the text-only class, and the model is left as it was."""
+    text = tiny_config("gemma3")
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="Gemma3ForCausalLM"):
+        hf_posenc.convert(model, "rope", scaling="yarn", factor=4.0)
+    assert model.config._attn_implementation != "hf_posenc" and not hasattr(model.config, "posenc")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 # ---- stand-ins: the signatures the families call them with -----------------------------------------------------

@@ -133,7 +133,8 @@ def test_left_padded_generate_matches_unpadded(family, case):
     x = ids(2, OLD_LIMIT + 4)
     pad = 5
     padded, mask = left_pad(x, row=1, pad=pad)
-    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    # min_new_tokens: a row that draws the eos token alone stops early, and in the batch goes on with padding
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
     batch = model.generate(padded, attention_mask=mask, **kwargs)
     alone = model.generate(x[1:, :-pad], **kwargs)
     assert torch.equal(batch[1, pad:], alone[0])

@@ -90,7 +90,7 @@ def test_the_kernel_equals_the_definition_pair_by_pair(name, cls, options, causa
     torch.testing.assert_close(out[0].transpose(0, 1).double(), expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3"])
 @pytest.mark.parametrize("method, options", [("self_extend", {"group": 4}), ("rerope", {}),
                                              ("rerope", {"leaky": 2.0})])
 def test_inside_the_window_the_model_is_the_original(family, method, options):

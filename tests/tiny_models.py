@@ -15,8 +15,10 @@ TEXT = DATA / "tempest.txt"  # The Tempest, Project Gutenberg (public domain), f
 VOCAB = 320
 OLD_LIMIT = 64  # the tiny models' native position limit; tests run past it
 
-FAMILIES = ("gpt2", "bert", "llama", "mistral", "qwen2", "opt", "roberta", "qwen3", "gemma2")
+FAMILIES = ("gpt2", "bert", "llama", "mistral", "qwen2", "opt", "roberta", "qwen3", "gemma2", "gemma3")
 GEMMA2_WINDOW = 16  # the tiny Gemma2's sliding window (layer 0): shorter than the tests' inputs, so it bites
+# the tiny Gemma 3's rotary per layer type (layer 0 sliding, layer 1 full), far apart so either one misplaced shows
+GEMMA3_THETAS = {"sliding_attention": 100.0, "full_attention": 10000.0}
 
 # transformers renamed the KV-cache argument and output field `past_key_values` -> `cache` within 5.x (5.17 has
 # the old name, 5.24 the new); the tests run on both: model(x, **{CACHE_ARG: cache}), cache_of(out)
@@ -65,6 +67,14 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, head_dim=8,
             intermediate_size=64, max_position_embeddings=OLD_LIMIT, sliding_window=GEMMA2_WINDOW,
             query_pre_attn_scalar=32, attn_logit_softcapping=1.0, initializer_range=0.2, **common,
+        )
+    elif family == "gemma3":  # as gemma2, plus q/k norms and a rotary per layer type (no soft-cap in Gemma 3)
+        cfg = transformers.Gemma3TextConfig(
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, head_dim=8,
+            intermediate_size=64, max_position_embeddings=OLD_LIMIT, sliding_window=GEMMA2_WINDOW,
+            layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=32, initializer_range=0.2,
+            rope_parameters={kind: {"rope_type": "default", "rope_theta": t} for kind, t in GEMMA3_THETAS.items()},
+            **common,
         )
     else:
         raise ValueError(family)

@@ -58,6 +58,11 @@ class ArchSpec:
     # the forward hook passes them explicitly, so the cache and every layer see the model's own positions
     derive_position_ids: Callable[[nn.Module, tuple, dict, object], torch.Tensor | None] | None = None
     rotary: str | None = None  # native rotary module under the base model, if any
+    # a rotary called per layer type with each type's own rope_parameters (Gemma 3: config.rope_parameters =
+    # {layer type: parameters}, rotary(x, position_ids, layer_type)): the type whose rotary a rotary method
+    # replaces and starts from (Gemma 3: "full_attention"); the layers of the other types keep the model's own
+    # rotary under a rotary method (their sliding window never reaches past the trained context). None: one rotary
+    rope_layer_type: str | None = None
     decoder_layers: str | None = None  # ModuleList of layers under the base model (for Llama-style embeds)
     # the module under the base model whose forward every forward of the model runs, if not the base model itself
     # (OPT's heads call model.decoder directly); the per-forward hooks go on it
@@ -73,6 +78,9 @@ class ArchSpec:
     lora_targets: tuple[str, ...] | None = None  # None: PEFT's own mapping for the model_type
     lora_fan_in_fan_out: bool = False  # the projections are Conv1D (weights stored transposed: GPT-2)
     head_classes: tuple[str, ...] = ()  # transformers classes the family ships and the tests exercise; LM head first
+    # model types of the same checkpoints the family does not cover, each with why and the fix (Gemma 3's
+    # multimodal "gemma3": its vision tower)
+    refused_model_types: tuple[tuple[str, str], ...] = ()
 
     def is_causal(self, config) -> bool:
         return bool(getattr(config, "is_decoder", False)) if self.encoder else True
@@ -90,6 +98,18 @@ class ArchSpec:
 
     def head_dim(self, config) -> int:
         return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def rope_parameters(self, config) -> dict:
+        """The rope_parameters a rotary method starts from: those of ``rope_layer_type`` on a per-layer-type
+        rotary, else the top level ({} without any)."""
+        parameters = getattr(config, "rope_parameters", None) or {}
+        return (parameters.get(self.rope_layer_type) or {}) if self.rope_layer_type else parameters
+
+    def own_rotary_layers(self, config) -> frozenset[int]:
+        """The layers that keep the model's own rotary under a rotary method (those not of ``rope_layer_type``)."""
+        if self.rope_layer_type is None:
+            return frozenset()
+        return frozenset(i for i, kind in enumerate(config.layer_types) if kind != self.rope_layer_type)
 
     def attention_modules(self, base_model: nn.Module) -> list[nn.Module]:
         return [
@@ -171,6 +191,21 @@ class IdentityRotary(nn.Module):
         shape = (*position_ids.shape, self.head_dim)  # (B, L, D)
         one = torch.ones((), dtype=x.dtype, device=x.device).expand(shape)
         return one, torch.zeros((), dtype=x.dtype, device=x.device).expand(shape)
+
+
+class LayerTypeRotary(nn.Module):
+    """Stands in for a per-layer-type rotary (Gemma 3) when a method rotates in attention: the layer types in
+    ``kept`` get the model's own rotary (``own``, unchanged: their own theta), every other type the identity (the
+    method rotates those layers itself)."""
+
+    def __init__(self, own: nn.Module, kept: frozenset[str], head_dim: int):
+        super().__init__()
+        self.own, self.kept, self.identity = own, kept, IdentityRotary(head_dim)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        rotary = self.own if layer_type in self.kept else self.identity
+        return rotary(x, position_ids, layer_type)
 
 
 class EmbedBeforeFirstLayer:

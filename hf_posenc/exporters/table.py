@@ -13,7 +13,7 @@ from typing import Callable
 
 from torch import nn
 
-from . import bert_roformer, gpt2_bloom, gpt2_neox, llama_rope
+from . import bert_roformer, gemma3_rope, gpt2_bloom, gpt2_neox, llama_rope
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,9 @@ NATIVE: dict[tuple[str, str], NativeMapping] = {
     ("llama", "rope"): NativeMapping(
         "llama", "rope", "the family's own config with rope_parameters", None, llama_rope.refusal, llama_rope.build,
         takes_position_ids=True),
+    ("gemma3", "rope"): NativeMapping(
+        "gemma3", "rope", "Gemma 3's own config, rope_parameters of its full-attention layers", None,
+        gemma3_rope.refusal, gemma3_rope.build, takes_position_ids=True),
     ("gpt2", "rope"): NativeMapping(
         "gpt2", "rope", "GPT-NeoX (GPTNeoXForCausalLM, use_parallel_residual=False)", ("GPT2LMHeadModel",),
         gpt2_neox.refusal, gpt2_neox.build, takes_position_ids=True),

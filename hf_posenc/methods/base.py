@@ -35,6 +35,9 @@ class ModelShape:
     # the model's own config.rope_parameters (rope_type, theta, a scaling's fields), None without a native rotary or
     # when rebuilt from a converted checkpoint (its config then holds the conversion's rotary, not the checkpoint's)
     native_rope_parameters: dict | None = field(default=None, hash=False)
+    # layers whose rotation the model's own rotary keeps doing (Gemma 3's sliding layers under a rotary method):
+    # the method does not rotate them, their cached keys included
+    own_rotary_layers: frozenset[int] = frozenset()
     replaced_position_rms: float | None = None  # RMS of the learned position table being removed, if any
     token_embedding_rms: float | None = None
     weights_known: bool = True  # False on the meta device: the *_rms statistics above are then None
