@@ -220,6 +220,21 @@ def test_a_gemma3_scaling_applies_to_the_full_attention_layers_only(scaling, sca
         assert (reference(x).logits - tiny_model("gemma3")(x).logits).abs().max() > 1e-2  # the scaling bites
 
 
+def test_gemma3_keys_stored_rotated_leave_the_sliding_layers_to_their_own_rotary():
+    """Partial rotary rotates in attention and stores keys rotated; a prefill shorter than the window is adopted
+    whole (hf_posenc.key_cache). The sliding layers' keys are the model's rotary's alone: decoding across the
+    window gives the full forward's logits."""
+    model = hf_posenc.convert(tiny_model("gemma3"), "rope", fraction=0.5)
+    x = ids(1, 2 * GEMMA2_WINDOW)
+    with torch.no_grad():
+        full = model(x).logits
+        cache = cache_of(model(x[:, : GEMMA2_WINDOW // 2], use_cache=True))
+        for n in range(GEMMA2_WINDOW // 2, x.shape[1]):
+            step = model(x[:, n: n + 1], use_cache=True, **{CACHE_ARG: cache})
+            cache = cache_of(step)
+    torch.testing.assert_close(step.logits[:, -1], full[:, -1], atol=TOL, rtol=0)
+
+
 def test_a_gemma3_multimodal_model_is_refused_naming_the_text_model():
     """Its vision tower is not covered: the error names the text-only class, and the model is left as it was."""
     text = tiny_config("gemma3")
