@@ -22,7 +22,7 @@ from tiny_models import (CACHE_ARG, FAMILIES, GEMMA2_WINDOW, GEMMA3_THETAS, OLD_
 import hf_posenc
 from hf_posenc import _seams, attention_kwargs
 from hf_posenc.arches import ARCHES
-from hf_posenc.arches.base import IdentityRotary
+from hf_posenc.arches.base import IdentityRotary, LayerTypeRotary
 from hf_posenc.attention import method_of, posenc_attention_forward
 from hf_posenc.forward_state import ForwardState
 from hf_posenc.registry import arch_for
@@ -271,6 +271,12 @@ def test_rotary_stand_in_takes_the_native_rotarys_signature(family):
     assert set(native) <= set(parameters(IdentityRotary.forward)), moved(
         f"{type(rotary).__name__}.forward{native}", "calling IdentityRotary with the same arguments"
     )
+    if spec_of(family).rope_layer_type is not None:  # a rotary per layer type (Gemma 3): its stand-in, its config
+        assert set(native) == set(parameters(LayerTypeRotary.forward)), moved(
+            f"{type(rotary).__name__}.forward{native}", "calling LayerTypeRotary with the same arguments")
+        config = tiny_config(family)
+        assert set(config.rope_parameters) == set(config.layer_types) >= {spec_of(family).rope_layer_type}, moved(
+            "config.rope_parameters / config.layer_types", "to find each layer type's rotary")
 
 
 def reported_positions(family: str, x, **kwargs) -> torch.Tensor:
