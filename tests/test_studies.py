@@ -119,6 +119,26 @@ def test_smollm2_study_quick(tmp_path, monkeypatch):
     assert all("time budget" in skipped[n]["skipped"] for n in names[1:])
 
 
+def test_gemma3_study_scores_the_original_and_the_family_retrofit(tmp_path, tiny_tokenizer_dir):
+    """Inside the trained context (64) the default retrofit (Dynamic YaRN) scores exactly as the original."""
+    import shutil
+
+    from tiny_models import tiny_model
+
+    model = tmp_path / "tiny-gemma3"
+    tiny_model("gemma3").save_pretrained(model)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, model)
+    study = load_script("gemma3_long_context")
+    out = tmp_path / "study"
+    assert study.main(["--out", str(out), "--model", str(model), "--corpora", str(TEXT), "--lengths", "32,48"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["variant"], r["length"]) for r in rows] == [("original", 32), ("original", 48), ("retrofit", 32),
+                                                           ("retrofit", 48)]
+    assert "dynamic_yarn" in rows[2]["conversion"] and rows[2]["last"] == rows[0]["last"]
+    assert "| 48 |" in (out / "table.md").read_text()
+
+
 def test_smollm2_cpu_study_rows_on_a_tiny_llama(tmp_path, tiny_llama_dir):
     """The CPU study's plumbing: fine-tuned rows through hf-posenc retrofit, training-free rows scored alone, the
     original shared through the source cache, one results.json / table.md."""
