@@ -160,7 +160,7 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "bert", "llama", "gemma3"])
 @pytest.mark.parametrize("method, options", CONVERSIONS, ids=lambda v: str(v) if v else "")
 def test_original_positions_give_the_unconverted_logits(family, method, options):
     original = tiny_model(family)
