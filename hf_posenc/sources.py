@@ -150,6 +150,8 @@ def assemble_split_gguf(package_dir: Path, parts: tuple[str, ...], dest: Path) -
 
 def load_gguf_causal_lm(gguf: Path):
     """(model, tokenizer) as transformers builds them from a GGUF file: weights dequantised to fp32."""
+    _require("gguf", "loading a GGUF checkpoint")
+    _require("accelerate", "loading a GGUF checkpoint")
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -178,8 +180,6 @@ def plain_copy(model):
 def materialise_gemma3_gguf(package_dir: Path, out: Path) -> None:
     """Gemma 3 270M: assemble the GGUF (:func:`assemble_split_gguf`), load it dequantised, save its text model in
     fp32 as a plain transformers directory with its tokenizer and the Gemma terms of use beside the weights."""
-    _require("gguf", "loading the Gemma 3 GGUF checkpoint")
-    _require("accelerate", "loading the Gemma 3 GGUF checkpoint")
     with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out.parent) as work:
         model, tokenizer = load_gguf_causal_lm(assemble_split_gguf(package_dir, GEMMA3_PARTS, Path(work)))
     check_gemma3_text(model)
