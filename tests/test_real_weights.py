@@ -1,12 +1,13 @@
-"""Every conversion on real weights (``-m slow``): Gemma 3 270M (``hf-posenc fetch gemma3-270m``), a trained model's
-sharp attention, tied head, 262k vocabulary and sliding-window layers, which tiny random models hide.
+"""Every conversion on real weights (``-m slow``): Gemma 3 270M (``hf-posenc fetch gemma3-270m``: a trained model's
+sharp attention, tied head, 262k vocabulary and sliding-window layers, which tiny random models hide) and SmolLM2-135M
+(``hf-posenc fetch smollm2-135m``: Llama-style, trained to 8k).
 
     HF_POSENC_CACHE=~/.cache/hf_posenc OMP_NUM_THREADS=2 python -m pytest -m slow -s tests/test_real_weights.py
 
 (-s prints the measured numbers; docs/extrapolation.md, "Gemma 3 270M", quotes them.) Inside the trained context the
 methods that keep the model's rotary there are the original model; past it (positions to 40k, reached cheaply with a
-jump in the position ids, PoSE-style: 256 tokens at 0.., 256 more at 40,000..) the other methods run with finite
-logits. Held-out text: The Tempest (tests/data).
+jump in the position ids, PoSE-style: 256 tokens at 0.., 256 more at 1.25x the trained context: 40,000.. on Gemma 3,
+10,240.. on SmolLM2) the other methods run with finite logits. Held-out text: The Tempest (tests/data).
 """
 
 from __future__ import annotations
@@ -23,22 +24,20 @@ pytestmark = pytest.mark.slow
 TEXT = Path(__file__).parent / "data" / "tempest.txt"
 INSIDE = 1024  # tokens: inside the trained context, twice the sliding window so it bites
 NEW_TOKENS = 64
-JUMP = 40_000  # past Gemma 3 270M's trained 32,768
+JUMP = {"gemma3-270m": 40_000, "smollm2-135m": 10_240}  # past the trained 32,768 / 8,192
+TRAINED = {"gemma3-270m": 32_768, "smollm2-135m": 8_192}
 SAME = 1e-3  # max |logit difference| (fp32; logits span ~ +-30)
 
 
-def gemma3_path() -> Path:
-    return sources.fetch("gemma3-270m")  # into $HF_POSENC_CACHE (or ~/.cache/hf_posenc) unless already there
-
-
-@pytest.fixture(scope="module")
-def checkpoint():
+@pytest.fixture(scope="module", params=list(TRAINED))
+def checkpoint(request):
+    """(name, path, held-out ids); fetched into $HF_POSENC_CACHE (or ~/.cache/hf_posenc) unless already there."""
     import transformers
 
-    path = gemma3_path()
+    path = sources.fetch(request.param)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     ids = tokenizer(TEXT.read_text(encoding="utf-8")[5000:], return_tensors="pt").input_ids
-    return path, ids
+    return request.param, path, ids
 
 
 def load(path: Path):
@@ -49,7 +48,7 @@ def load(path: Path):
 
 @pytest.fixture(scope="module")
 def original(checkpoint):
-    path, ids = checkpoint
+    _, path, ids = checkpoint
     model = load(path)
     with torch.no_grad():
         logits = model(ids[:, :INSIDE]).logits
@@ -58,20 +57,23 @@ def original(checkpoint):
     return logits, generated
 
 
-def test_the_checkpoint_is_gemma3_270m(checkpoint, original):
-    path, ids = checkpoint
+def test_the_checkpoint_is_what_it_says(checkpoint, original):
+    name, path, ids = checkpoint
     model = load(path)
     config = model.config
+    logits, _ = original
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:INSIDE])
+    print(f"\n{name}, perplexity of {INSIDE} held-out Tempest tokens: {loss.exp():.2f}")
+    assert loss.exp() < 60  # a trained model (broken dequantisation or rotary: hundreds to thousands)
+    if name == "smollm2-135m":
+        assert (config.model_type, config.num_hidden_layers, config.max_position_embeddings) == ("llama", 30, 8192)
+        return
     assert (config.model_type, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
             config.head_dim, config.sliding_window, config.max_position_embeddings) == (
         "gemma3_text", 18, 4, 1, 256, 512, 32768)
     assert config.layer_types.count("full_attention") == 3
     assert {kind: p["rope_theta"] for kind, p in config.rope_parameters.items()} == {
         "sliding_attention": 10_000.0, "full_attention": 1_000_000.0}
-    logits, _ = original
-    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:INSIDE])
-    print(f"\nGemma 3 270M, perplexity of {INSIDE} held-out Tempest tokens: {loss.exp():.2f}")
-    assert loss.exp() < 60  # a trained model (broken dequantisation or rotary: hundreds to thousands)
 
 
 KEEPERS = {  # conversions that are the original model inside the trained context
@@ -84,7 +86,7 @@ KEEPERS = {  # conversions that are the original model inside the trained contex
 
 @pytest.mark.parametrize("name", list(KEEPERS))
 def test_inside_the_trained_context_the_conversion_is_the_original(name, checkpoint, original):
-    path, ids = checkpoint
+    model_name, path, ids = checkpoint
     method, options = KEEPERS[name]
     model = hf_posenc.convert(load(path), method, **options)
     logits, generated = original
@@ -93,7 +95,7 @@ def test_inside_the_trained_context_the_conversion_is_the_original(name, checkpo
         again = model.generate(ids[:, :INSIDE // 4], max_new_tokens=NEW_TOKENS, do_sample=False,
                                min_new_tokens=NEW_TOKENS)
     same_tokens = int((again == generated).all(dim=0).sum()) - INSIDE // 4
-    print(f"\n{name}: max |logit difference| {difference:.2e} over {INSIDE} tokens; greedy {same_tokens}/{NEW_TOKENS} "
+    print(f"\n{model_name} {name}: max |logit difference| {difference:.2e} over {INSIDE} tokens; greedy {same_tokens}/{NEW_TOKENS} "
           "tokens identical")
     assert difference < SAME
     assert torch.equal(again, generated)
@@ -110,17 +112,18 @@ PAST = {  # "original": the unconverted model at the same positions, for referen
 
 @pytest.mark.parametrize("name", list(PAST))
 def test_past_the_trained_context_the_conversion_runs_with_finite_logits(name, checkpoint):
-    path, ids = checkpoint
+    model_name, path, ids = checkpoint
     method, options = PAST[name]
     model = load(path)
     if method is not None:
-        model = hf_posenc.convert(model, method, max_position_embeddings=4 * 32768, **options)
+        model = hf_posenc.convert(model, method, max_position_embeddings=4 * TRAINED[model_name], **options)
     x = ids[:, :512]
-    positions = torch.cat([torch.arange(256), torch.arange(JUMP, JUMP + 256)])[None]  # keys up to 40k apart
+    jump = JUMP[model_name]
+    positions = torch.cat([torch.arange(256), torch.arange(jump, jump + 256)])[None]  # keys up to `jump` apart
     with torch.no_grad():
         logits = model(x, position_ids=positions).logits
     loss = torch.nn.functional.cross_entropy(logits[0, 256:-1], x[0, 257:])
-    print(f"\n{name}: positions to {JUMP + 255}: finite {bool(torch.isfinite(logits).all())}, perplexity of the "
+    print(f"\n{model_name} {name}: positions to {jump + 255}: finite {bool(torch.isfinite(logits).all())}, perplexity of the "
           f"256 tokens after the jump {loss.exp():.1f}")
     assert torch.isfinite(logits).all()
 
@@ -131,7 +134,7 @@ def test_native_export_round_trip_in_a_fresh_interpreter(checkpoint, original, t
     import subprocess
     import sys
 
-    path, ids = checkpoint
+    name, path, ids = checkpoint
     model = hf_posenc.convert(load(path), "rope")
     hf_posenc.export(model, tmp_path / "export", format="native")
     torch.save(ids[:, :256], tmp_path / "ids.pt")
@@ -143,5 +146,5 @@ def test_native_export_round_trip_in_a_fresh_interpreter(checkpoint, original, t
     assert run.returncode == 0, run.stderr[-2000:]
     logits, _ = original
     difference = (torch.load(tmp_path / "out.pt") - logits[:, :256]).abs().max().item()
-    print(f"\nnative export, fresh interpreter: max |logit difference| {difference:.2e} over 256 tokens")
+    print(f"\n{name} native export, fresh interpreter: max |logit difference| {difference:.2e} over 256 tokens")
     assert difference < SAME
