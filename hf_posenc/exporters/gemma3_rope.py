@@ -12,13 +12,10 @@ from __future__ import annotations
 from torch import nn
 
 from ..registry import arch_for
-from .common import load_weights, plain_config, rope_limit, rope_parameters
-from .llama_rope import refusal  # noqa: F401 - the same conditions: full rotary, a static transformers scaling
+from .common import rope_parameters
+from .llama_rope import build_with_rope, refusal  # noqa: F401 - refusal: the same conditions (full rotary, static scaling)
 
 
 def build(model: nn.Module) -> nn.Module:
-    config = plain_config(model)
-    config.rope_parameters = {**config.rope_parameters, arch_for(config).rope_layer_type: rope_parameters(model)}
-    config.max_position_embeddings = rope_limit(model)
-    config = type(config).from_dict(config.to_dict())  # validated as a fresh load would
-    return load_weights(type(model)(config), dict(model.state_dict()))
+    layer_type = arch_for(model.config).rope_layer_type  # the full-attention entry; the sliding one stays
+    return build_with_rope(model, lambda own: {**own, layer_type: rope_parameters(model)})

@@ -12,6 +12,8 @@ the family's own rotary class, re-configured (see ``convert._native_rotary``): t
 
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import nn
 
 from ..methods.rope import CHECKPOINT_BY_LENGTH, IN_PLACE_SCALINGS, NATIVE_SCALINGS
@@ -65,8 +67,14 @@ def _checkpoint_refusal(method) -> str | None:
 
 
 def build(model: nn.Module) -> nn.Module:
+    return build_with_rope(model, lambda own: rope_parameters(model))
+
+
+def build_with_rope(model: nn.Module, rope_of: Callable[[dict], dict]) -> nn.Module:
+    """The same weights in the family's own class under the plain config, with ``rope_parameters`` =
+    ``rope_of(the plain config's own)`` and the export's limit (:func:`.common.rope_limit`)."""
     config = plain_config(model)
-    config.rope_parameters = rope_parameters(model)
+    config.rope_parameters = rope_of(config.rope_parameters)
     config.max_position_embeddings = rope_limit(model)
     config = type(config).from_dict(config.to_dict())  # validated as a fresh load would
     return load_weights(type(model)(config), dict(model.state_dict()))
