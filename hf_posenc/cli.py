@@ -62,7 +62,7 @@ def convert_main(argv: list[str]) -> int:
     try:
         model = auto_class.from_pretrained(args.model_path)
     except (OSError, ValueError) as err:
-        parser.error(f"--model-path {args.model_path}: cannot load it as {model_class}: {_first_line(err)}")
+        parser.error(f"--model-path {args.model_path}: cannot load it as {model_class}: {first_line(err)}")
     try:  # what only the model can check (its head size, its current limit); nothing is written yet
         hf_posenc.convert(model, args.method, max_position_embeddings=args.max_position_embeddings, backend=backend,
                           **options)
@@ -109,10 +109,10 @@ def _model_location(model_path: str, parser: argparse.ArgumentParser) -> str:
     try:
         return str(resolve_model(model_path))
     except (SourceError, ValueError, OSError) as err:
-        parser.error(f"--model-path {model_path}: {_first_line(err)}")
+        parser.error(f"--model-path {model_path}: {first_line(err)}")
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
@@ -125,7 +125,7 @@ def _checkpoint_class(model_path: str, parser: argparse.ArgumentParser) -> str:
         named = transformers.AutoConfig.from_pretrained(model_path).architectures or []
     except (OSError, ValueError) as err:
         parser.error(f"--model-path {model_path}: not a local checkpoint, named source or reachable hub model "
-                     f"({_first_line(err)}); check the path (hf-posenc fetch --list names the offline sources)")
+                     f"({first_line(err)}); check the path (hf-posenc fetch --list names the offline sources)")
     known = [name for name in named if hasattr(transformers, name)]
     if not known:
         parser.error(f"{model_path} names no transformers model class in config.architectures ({named}); pass "

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import transformers
 
+from ..cli import first_line
 from ..sources import resolve_model
 from .run import EVALUATIONS, FACTORS, SUMMARY, FitSettings, IdentityError
 from .setup import fit, process_state
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, tokenizer = load(settings.model)
     except (OSError, ValueError) as err:
-        parser.error(f"--model {settings.model}: {str(err).strip().splitlines()[0]}")
+        parser.error(f"--model {settings.model}: {first_line(err)}")
     try:
         top = fit(settings, model, tokenizer)
     except ValueError as err:  # bad input, another fit's OUT, a corpus too short: nothing of this run written
