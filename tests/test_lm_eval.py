@@ -112,6 +112,21 @@ def test_convert_on_load_matches_the_converted_checkpoint(converted_run, checkpo
     assert plotting.model_label(again) == "gpt2-learned+alibi"
 
 
+def test_a_named_source_reaches_lm_eval_as_its_folder(checkpoints, text_path, tmp_path, monkeypatch):
+    """RULER's tasks load their tokenizer from ``pretrained=`` with AutoTokenizer: a package source name
+    (``pretrained=smollm2-135m``) must reach lm-eval as the fetched folder, which AutoTokenizer can read."""
+    from hf_posenc import sources
+
+    monkeypatch.setattr(sources, "available", lambda: {"tiny-alibi": "a test source"})
+    monkeypatch.setattr(sources, "resolve_model", lambda name, cache_dir=None: checkpoints["alibi"])
+    rc = run_eval("pretrained=tiny-alibi,max_length=256", "posenc_ppl", metadata(text_path, max_seq_lengths=[256]),
+                  tmp_path)
+    assert rc == 0
+    model_args = read_results(tmp_path)["config"]["model_args"]
+    assert model_args["pretrained"] == str(checkpoints["alibi"])
+    transformers.AutoTokenizer.from_pretrained(model_args["pretrained"])  # what RULER's get_tokenizer does
+
+
 def test_python_api_matches_the_cli(converted_run, checkpoints, text_path, tmp_path):
     from hf_posenc.integrations.lm_eval_model import evaluate
 

@@ -169,6 +169,38 @@ def test_rotary_default_chooses_the_retrofit_on_the_training_text(tmp_path, tiny
     assert again.count("skipping") == 4 + 3  # candidates, three rows
 
 
+def test_the_retrofit_is_scored_for_retrieval_past_the_context_and_its_scores_are_shared(tmp_path, tiny_llama_dir,
+                                                                                          capsys):
+    """Past the trained 64 the retrofit's row alone gets a passkey at the longest length (5 depths x
+    --retrieval-samples); the other rows say not run; a training-free retrofit is the source model converted, so
+    another run (another --out) finds its scores in the source cache."""
+    lengths = ("--eval-lengths", "32,64,256,512")
+    assert run(tmp_path, tiny_llama_dir, *lengths, "--retrieval-samples", "2", method=()) == 0
+    capsys.readouterr()
+    out = tmp_path / "run"
+    retrofit_scores, original = scores(out, "retrofit"), scores(out, "original")
+    assert retrofit_scores["passkey"]["512/n"] == 10
+    assert {f"512@{d:g}" for d in retrofit.RETRIEVAL_DEPTHS} <= set(retrofit_scores["passkey"])
+    assert original["passkey"]["512"] == retrofit.NOT_RUN and "512/n" not in original["passkey"]
+    report = (out / "report.md").read_text()
+    assert "at 512 (past the original's context) the retrofit's only" in report
+    assert report.splitlines()[-3].endswith(f"| {retrofit_scores['passkey']['512']:.2f} (10) |")
+
+    os.rename(out, tmp_path / "first")
+    assert run(tmp_path, tiny_llama_dir, *lengths, "--retrieval-samples", "2", method=()) == 0
+    assert capsys.readouterr().out.count("skipping") == 4 + 3  # candidates, three rows: all from the source cache
+    assert scores(out, "retrofit") == retrofit_scores
+
+
+def test_retrieval_samples_zero_scores_no_passkey_past_the_context(tmp_path, tiny_llama_dir, capsys):
+    assert run(tmp_path, tiny_llama_dir, "--eval-lengths", "32,64,256,512", "--retrieval-samples", "0",
+               method=()) == 0
+    assert "512/n" not in scores(tmp_path / "run", "retrofit")["passkey"]
+    assert retrofit.main(["--retrieval-samples", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert "--retrieval-samples must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_rotary_finetune_on_request_competes_with_the_training_free_candidates(tmp_path, tiny_llama_dir, capsys):
     """``--finetune``: the fine-tune runs, and its temperature grid joins the candidates."""
     assert run(tmp_path, tiny_llama_dir, "--finetune", method=()) == 0

@@ -56,11 +56,22 @@ def _prepare(args: Namespace, model_name: str, bundled: set[str]) -> list[str]:
         args.include_path = [str(TASKS_DIR), *extra]
     if getattr(args, "command", None) == "run" and not args.model:
         args.model = model_name
+    _named_model_to_path(getattr(args, "model_args", None))
     requested = [name for item in (getattr(args, "tasks", None) or []) for name in item.split(",") if name]
     unknown = [name for name in requested if name.startswith("posenc") and name not in bundled]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; the bundled tasks are {sorted(bundled)}")
     return requested
+
+
+def _named_model_to_path(model_args: dict | None) -> None:
+    """``pretrained=<an hf_posenc.sources name>`` (smollm2-135m) becomes its cached folder, fetched if needed, before
+    lm-eval reads the model args: RULER's tasks load their tokenizer from ``pretrained`` with AutoTokenizer, which
+    knows folders and hub ids, not this package's names."""
+    from .lm_eval_model import _resolve
+
+    if isinstance(model_args, dict) and isinstance(model_args.get("pretrained"), str):
+        model_args["pretrained"] = _resolve(model_args["pretrained"])
 
 
 @contextlib.contextmanager

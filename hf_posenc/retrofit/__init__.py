@@ -29,8 +29,8 @@ from .recipes import QUICK, RECIPES, Recipe, family_recipe, method_recipe
 from .report import cell, passkey_table, ppl_table, selection_text, tables, write_report
 from .run import export_retrofit, logs_to_file, main, run_stages, say, stage_count
 from .scores import (
-    LAST_TOKENS, NOT_RUN, PASSKEY_MIN, SKIPPED, TOO_SHORT, compute_scores, eval_settings, file_digest, score_model,
-    unscored_passkey,
+    LAST_TOKENS, NOT_RUN, PASSKEY_MIN, RETRIEVAL_DEPTHS, SKIPPED, TOO_SHORT, compute_scores, eval_settings,
+    file_digest, score_model, unscored_passkey,
 )
 from .select import (
     candidates, choice_key, choice_text, options_text, retrofit_dir, same_options, select_model, selection_window,
@@ -40,7 +40,8 @@ from .stages import cached, fetch_model, finetune, finetune_summary, held_lock, 
 
 __all__ = [
     "DEFAULT_MODEL", "DEFAULT_TEXT", "LAST_TOKENS", "NOT_RUN", "OTHER_DOMAIN", "PASSKEY_MIN", "QUICK", "RECIPES",
-    "SKIPPED", "TOO_SHORT", "Plan", "Recipe", "cached", "candidates", "cell", "check_text", "choice_key",
+    "RETRIEVAL_DEPTHS", "SKIPPED", "TOO_SHORT", "Plan", "Recipe", "cached", "candidates", "cell", "check_text",
+    "choice_key",
     "choice_text", "compute_scores", "corpora", "default_lengths", "eval_settings", "export_retrofit",
     "family_recipe", "fetch_model", "file_digest", "finetune", "finetune_summary", "held_lock", "load_candidate",
     "load_original", "load_retrofit", "logs_to_file", "main", "make_plan", "method_recipe", "model_facts",

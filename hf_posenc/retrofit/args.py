@@ -17,7 +17,7 @@ from ..registry import arch_for, method_class
 from ..training import load_config
 from .plan import Plan
 from .recipes import QUICK, Recipe, family_recipe, method_recipe
-from .scores import PASSKEY_MIN
+from .scores import PASSKEY_MIN, RETRIEVAL_DEPTHS
 from .select import candidates, training_text_tail
 from .stages import stage_key, train_identity
 
@@ -56,6 +56,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="comma-separated evaluation lengths (default: 1/8, 1/2, 1 and 2 x the original's context)")
     parser.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens scored per length")
     parser.add_argument("--passkey-samples", type=int, default=None, help="passkey prompts per length and depth")
+    parser.add_argument("--retrieval-samples", type=int, default=1,
+                        help="passkey prompts per depth (5 depths) at the longest length past the original's context, "
+                        "for the retrofit only (a forward of that length per prompt; 0: none)")
     parser.add_argument("--out", default=None, help="output folder (default runs/retrofit-<model>-<recipe>)")
     parser.add_argument("--finetune", action="store_true",
                         help="fine-tune even where the family's recipe skips it (rotary models: the fine-tune lost to "
@@ -107,6 +110,9 @@ def make_plan(args: argparse.Namespace, family_default: Callable[[Any], Recipe] 
     model = args.model or DEFAULT_MODEL
     quick = args.config is None
     options = method_options(args.option)
+    if args.retrieval_samples < 0:
+        raise ValueError("--retrieval-samples must be >= 0 (0: no passkey past the context), "
+                         f"got {args.retrieval_samples}")
     if args.method is not None:
         method_class(args.method)  # an unknown method fails before the model is read
     positive_lengths(args.eval_lengths, [1])
@@ -140,13 +146,16 @@ def make_plan(args: argparse.Namespace, family_default: Callable[[Any], Recipe] 
     lengths = positive_lengths(args.eval_lengths, default_lengths(trained))
     finetune = recipe.finetune or args.finetune or not recipe.training_free  # a recipe without a baseline trains
     fit_target = check_fit_budget(args.fit_budget, recipe, trained, train)
+    passkey_lengths = [n for n in lengths if PASSKEY_MIN <= n <= max(PASSKEY_MIN, trained // 2)]
+    past = [n for n in lengths if n > trained and n not in passkey_lengths]
     plan = Plan(
         out=out, recipe=recipe, train=train, trained_length=trained, lengths=lengths,
         fit_budget=args.fit_budget, fit_target=fit_target,
         corpora=corpora(train, args.other_heldout),
         eval_tokens=args.eval_tokens or max(lengths) // 2,
-        passkey_lengths=[n for n in lengths if PASSKEY_MIN <= n <= max(PASSKEY_MIN, trained // 2)],
-        depths=[0.25, 0.75], num_samples=args.passkey_samples or 2,
+        passkey_lengths=passkey_lengths, depths=[0.25, 0.75], num_samples=args.passkey_samples or 2,
+        retrieval_length=max(past) if past and args.retrieval_samples else 0,
+        retrieval_depths=RETRIEVAL_DEPTHS, retrieval_samples=args.retrieval_samples,
         selection_length=2 * trained if len(candidates(recipe, finetune)) > 1 else 0, finetune=finetune,
     )
     check_text(plan)

@@ -23,6 +23,9 @@ class Plan:
     passkey_lengths: list[int]
     depths: list[float]
     num_samples: int
+    retrieval_length: int = 0  # past the trained context: passkey for the retrofit row only (0: none)
+    retrieval_depths: list[float] = field(default_factory=list)
+    retrieval_samples: int = 0  # prompts per depth at retrieval_length
     selection_length: int = 0  # tokens of the fine-tune text the selection scores each candidate on (0: none)
     finetune: bool = True  # whether this run fine-tunes (the recipe's default, or --finetune)
     fit_budget: int = 0  # forward passes for fitting LongRoPE factors (hf-posenc fit), 0: no fitted candidate

@@ -9,7 +9,7 @@ from typing import Any
 
 from .fitted import fit_text
 from .plan import Plan
-from .scores import LAST_TOKENS, SKIPPED, unscored_passkey
+from .scores import LAST_TOKENS, NOT_RUN, SKIPPED, unscored_passkey
 from .select import options_text
 from .stages import finetune_summary
 
@@ -75,7 +75,8 @@ def write_report(plan: Plan, rows: dict[str, dict], seconds: float) -> Path:
          f"{train.data.text or train.data.files}."),
         f"Scored on held-out text the fine-tune never saw ({', '.join(plan.corpora)}): non-overlapping windows of "
         f"each length ({plan.eval_tokens} tokens per length, at least one window); passkey over depths "
-        f"{plan.depths} x {plan.num_samples} prompts. `{SKIPPED}`: beyond the original's learned position table; "
+        f"{plan.depths} x {plan.num_samples} prompts{retrieval_text(plan)}. `{SKIPPED}`: beyond the original's "
+        "learned position table; "
         "cells equal to the original's inside its context are so by construction (same logits, tested).",
         "",
         *fit_text(plan),
@@ -89,6 +90,14 @@ def write_report(plan: Plan, rows: dict[str, dict], seconds: float) -> Path:
     path = plan.out / "report.md"
     path.write_text(text)
     return path
+
+
+def retrieval_text(plan: Plan) -> str:
+    if not plan.retrieval_length:
+        return ""
+    return (f"; at {plan.retrieval_length} (past the original's context) the retrofit's only, over depths "
+            f"{plan.retrieval_depths} x {plan.retrieval_samples} prompts (`{NOT_RUN}`: not run, a forward of that "
+            "length per prompt)")
 
 
 def selection_text(plan: Plan) -> list[str]:

@@ -103,12 +103,14 @@ def run_stages(plan: Plan, started: float) -> dict[str, dict]:
             lambda: load_original(plan, (recipe.method, recipe.options)), shared=True,
             skip_inside=rows["original"] if recipe.original_inside else None))
     stage(f"scoring the retrofit ({recipe.name}: {choice_text(plan.choice)})")
-    inside_is_original = recipe.original_inside and plan.choice["model"] == "training-free"
+    training_free = plan.choice["model"] == "training-free"
     trained = train_identity(plan.train) if plan.choice["model"] == "fine-tuned" else None
+    # a training-free retrofit is the source model converted: its scores hold for any run (the source cache)
+    source = {"model": plan.train.model} if training_free else {}
     rows[f"retrofit ({recipe.name}: {plan.choice['method']})"] = timed("retrofit", lambda: score_model(
-        plan, "retrofit", {"finetune": trained, **choice_key(plan.choice)},
-        lambda: load_retrofit(retrofit_model), shared=False,
-        skip_inside=rows["original"] if inside_is_original else None))
+        plan, "retrofit", {**source, "finetune": trained, **choice_key(plan.choice)},
+        lambda: load_retrofit(retrofit_model), shared=training_free,
+        skip_inside=rows["original"] if recipe.original_inside and training_free else None, retrieval=True))
     return rows
 
 

@@ -18,12 +18,16 @@ SKIPPED = "skipped"  # a length the original model cannot take (learned position
 TOO_SHORT = "n/a"  # passkey below PASSKEY_MIN tokens: the instructions alone fill the prompt
 PASSKEY_MIN = 256
 NOT_RUN = "—"  # passkey past half the trained context: not scored in the quick run (a forward per prompt)
+RETRIEVAL_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]  # the retrofit's passkey past the context: every depth, as the studies
 
 
-def eval_settings(plan: Plan) -> dict:
-    return {"lengths": plan.lengths, "eval_tokens": plan.eval_tokens, "last_tokens": LAST_TOKENS,
-            "corpora": {name: file_digest(path) for name, path in plan.corpora.items()},
-            "passkey": [plan.passkey_lengths, plan.depths, plan.num_samples]}
+def eval_settings(plan: Plan, retrieval: bool = False) -> dict:
+    settings = {"lengths": plan.lengths, "eval_tokens": plan.eval_tokens, "last_tokens": LAST_TOKENS,
+                "corpora": {name: file_digest(path) for name, path in plan.corpora.items()},
+                "passkey": [plan.passkey_lengths, plan.depths, plan.num_samples]}
+    if retrieval and plan.retrieval_length:
+        settings["retrieval"] = [plan.retrieval_length, plan.retrieval_depths, plan.retrieval_samples]
+    return settings
 
 
 def file_digest(path: Path) -> str:
@@ -31,23 +35,26 @@ def file_digest(path: Path) -> str:
 
 
 def score_model(plan: Plan, label: str, identity: Any, load: Callable, shared: bool,
-                skip_inside: dict | None = None) -> dict:
+                skip_inside: dict | None = None, retrieval: bool = False) -> dict:
     """{"ppl": {corpus: {length: scores | SKIPPED}}, "passkey": {...}} for one model, cached by :func:`cached`.
     ``skip_inside``: scores to reuse at lengths <= the trained context (a conversion that equals the original
-    there)."""
+    there); ``retrieval``: also the passkey at ``plan.retrieval_length`` (the retrofit's row)."""
 
     def compute():
         model, tokenizer, limit = load()
-        return compute_scores(plan, model, tokenizer, limit, skip_inside)
+        return compute_scores(plan, model, tokenizer, limit, skip_inside, retrieval)
 
-    return cached(plan, label, {"model": identity, "settings": eval_settings(plan)}, compute, shared)
+    return cached(plan, label, {"model": identity, "settings": eval_settings(plan, retrieval)}, compute, shared)
 
 
-def compute_scores(plan: Plan, model, tokenizer, limit: int | None, skip_inside: dict | None) -> dict:
+def compute_scores(plan: Plan, model, tokenizer, limit: int | None, skip_inside: dict | None,
+                   retrieval: bool = False) -> dict:
     usable = [n for n in plan.lengths if limit is None or n <= limit]
     todo = [(name, n) for name in plan.corpora for n in usable
             if not (skip_inside and n <= plan.trained_length)]
     docs = passkey_docs(tokenizer, [n for n in plan.passkey_lengths if n in usable], plan.depths, plan.num_samples)
+    if retrieval and plan.retrieval_length in usable:
+        docs += passkey_docs(tokenizer, [plan.retrieval_length], plan.retrieval_depths, plan.retrieval_samples)
     ppl: dict[str, dict[str, Any]] = {name: {} for name in plan.corpora}
     windows = lambda n: max(1, max(n, plan.eval_tokens) // n)  # noqa: E731  (fewer if the text is short)
     with tqdm(total=sum(n * windows(n) for _, n in todo) + sum(len(d["ids"]) for d in docs), unit="tok", unit_scale=True,
