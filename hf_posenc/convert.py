@@ -146,7 +146,8 @@ def convert(model: PreTrainedModel, method: str | PosEncConfig, /, max_position_
     # plain transformers loads only correctly (trust_remote_code) or not at all (see hub_code)
     # each forward builds its own state (positions, memo) and passes it to every attention call
     root = base.get_submodule(spec.forward_root) if spec.forward_root else base  # runs in every forward
-    ForwardHooks(base, spec.table_offset(model.config), spec.derive_position_ids).install(root)
+    ForwardHooks(base, spec.table_offset(model.config), spec.derive_position_ids,
+                 length_buffers=spec.extend_limit is not None).install(root)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
 

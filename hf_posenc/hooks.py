@@ -27,11 +27,13 @@ class ForwardHooks:
     hooks sit on it or below it); ``offset``: subtracted from the ``position_ids`` attention receives (RoBERTa's
     padding_idx + 1); ``derive``: the family's own rule for position ids the model derives from its inputs
     (OPT: the attention mask, RoBERTa: the padding tokens), made explicit before the forward so that the cache's
-    write hook and every layer see them; None where the model's rule is key indices."""
+    write hook and every layer see them; None where the model's rule is key indices. ``length_buffers``: the
+    family's embeddings read per-token buffers of ``max_position_embeddings`` (BERT, RoBERTa: ``token_type_ids``,
+    ``position_ids``; the family's ``extend_limit`` sizes them)."""
 
-    def __init__(self, base: nn.Module, offset: int, derive: Callable | None):
+    def __init__(self, base: nn.Module, offset: int, derive: Callable | None, length_buffers: bool = False):
         self.__dict__["base"] = base
-        self.offset, self.derive = offset, derive
+        self.offset, self.derive, self.length_buffers = offset, derive, length_buffers
 
     def install(self, root: nn.Module) -> None:
         root.register_forward_pre_hook(self.begin, with_kwargs=True)
@@ -50,6 +52,8 @@ class ForwardHooks:
         if given is not None:
             given = hidden_at_position_zero(given, kwargs.get("attention_mask"), self.offset)
             kwargs = {**kwargs, "position_ids": given}
+        if self.length_buffers and (given is None or kwargs.get("token_type_ids") is None):
+            refuse_past_length_buffers(base, args, kwargs, positions.past_length(cache))
         checkpointing = base.training and torch.is_grad_enabled() and any(
             getattr(m, "gradient_checkpointing", False) for m in base.modules()
         )
@@ -67,6 +71,21 @@ class ForwardHooks:
         written, cache = state.written_positions(), positions.cache_output(output)
         positions.remember_positions(cache, written)
         key_cache.end_forward(state, positions.cache_argument(kwargs), cache, written)
+
+
+def refuse_past_length_buffers(base, args, kwargs, past: int) -> None:
+    """The embeddings slice ``position_ids`` / gather ``token_type_ids`` from buffers of ``max_position_embeddings``
+    tokens: an input past them is refused naming the fix (transformers would fail with a bare expand error)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    length = ids.shape[-1] if ids is not None else embeds.shape[-2] if embeds is not None else 0
+    limit = base.config.max_position_embeddings
+    if past + length > limit:
+        raise ValueError(
+            f"{past + length} tokens ({past} cached) are past this converted {base.config.model_type} model's "
+            f"max_position_embeddings={limit}: its embeddings read token_type_ids / position_ids buffers of that "
+            f"length. Convert with hf_posenc.convert(model, method, max_position_embeddings={past + length}) or more "
+            "(the default is 16x the old limit), or pass both token_type_ids and position_ids")
 
 
 def hidden_at_position_zero(position_ids: torch.Tensor, mask, position_zero: int) -> torch.Tensor:

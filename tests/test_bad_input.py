@@ -259,3 +259,19 @@ def test_a_finetune_refused_by_its_checks_leaves_no_folder(finetune_models, tmp_
     with pytest.raises(errors[error]):
         training.train(finetune_config(finetune_models[model], kept, **overrides))
     assert kept.is_dir() and not any(kept.iterdir())
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("method", ["alibi", "learned"])
+def test_an_input_past_the_length_buffers_names_the_limit_to_convert_with(family, method):
+    """BERT / RoBERTa embeddings read token_type_ids and position_ids from buffers of max_position_embeddings:
+    past them the error names the limit to convert with, not transformers' bare expand error; with both passed
+    (no buffer read) ALiBi runs past them."""
+    model = hf_posenc.convert(tiny_model(family), method, max_position_embeddings=OLD_LIMIT)
+    ids = torch.randint(5, 100, (1, OLD_LIMIT + 8))
+    with pytest.raises(ValueError, match=f"max_position_embeddings={OLD_LIMIT + 8}\\) or more"):
+        model(ids)
+    if method == "alibi":
+        positions = torch.arange(ids.shape[1])[None] + (2 if family == "roberta" else 0)  # RoBERTa: pad + 1 offset
+        out = model(ids, token_type_ids=torch.zeros_like(ids), position_ids=positions)
+        assert torch.isfinite(out.logits).all()
