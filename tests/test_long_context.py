@@ -55,3 +55,11 @@ def test_passkey_counts_a_hit_when_argmax_reproduces_the_answer(model_and_docs):
     finally:
         model.get_output_embeddings = original
     assert scores[str(doc["length"])] == 1.0 and scores[f"{doc['length']}/nll"] < 1e-6
+
+
+def test_passkey_reports_each_prompt_as_it_is_done(model_and_docs):
+    """``done(tokens)`` after every prompt: a progress bar moves per prompt, not once after minutes of 16k prompts."""
+    model, docs = model_and_docs
+    seen = []
+    passkey_accuracy(model, docs[:3], done=seen.append)
+    assert seen == [len(d["ids"]) for d in docs[:3]]

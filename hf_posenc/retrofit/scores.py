@@ -69,8 +69,7 @@ def compute_scores(plan: Plan, model, tokenizer, limit: int | None, skip_inside:
                 else:
                     ppl[name][str(n)] = window_scores(model, heldout, n, max(n, plan.eval_tokens), LAST_TOKENS)
                     bar.update(n * windows(n))
-        passkey = passkey_accuracy(model, docs) if docs else {}
-        bar.update(sum(len(d["ids"]) for d in docs))
+        passkey = passkey_accuracy(model, docs, done=bar.update) if docs else {}
     for n in plan.lengths:
         if str(n) not in passkey:
             passkey[str(n)] = SKIPPED if n not in usable else unscored_passkey(plan, n)
