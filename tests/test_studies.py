@@ -200,3 +200,31 @@ def test_recipe_variants_score_passkey_with_the_asked_prompts(tmp_path, tiny_lla
     assert again["training-free"] == rows["training-free"]
     assert again["dynamic-ntk"]["passkey"] == rows["dynamic-ntk"]["passkey"] and "tempest@64" in again["dynamic-ntk"]
     assert "| row | other 64 | tempest 64 | passkey 512 |" in (out / "variants-W1.md").read_text()
+
+
+def test_ruler_study_runs_one_eval_per_cell_and_resumes(tmp_path, monkeypatch):
+    """studies/smollm2_ruler.py: one `hf-posenc eval` per (row, task, length) with the row's conversion in
+    --model_args, RULER's score read from lm-eval's results file, a finished cell read back instead of run again."""
+    study = load_script("smollm2_ruler")
+    calls = []
+
+    def fake_eval(argv, check, env, stdout):  # what hf-posenc eval writes: <out>/<model>/results_<time>.json
+        calls.append(argv)
+        out = Path(argv[argv.index("--output_path") + 1]) / "model"
+        out.mkdir(parents=True)
+        task, length = argv[argv.index("--tasks") + 1], json.loads(argv[argv.index("--metadata") + 1])
+        (out / "results_1.json").write_text(json.dumps(
+            {"results": {task: {f"{length['max_seq_lengths'][0]},none": 0.9}}}))
+
+    monkeypatch.setattr(study.subprocess, "run", fake_eval)
+    argv = ["--out", str(tmp_path), "--rows", "self-extend-w4096-g8", "--lengths", "16384", "--limit", "3"]
+    assert study.main(argv) == 0
+    assert len(calls) == 2  # niah_single_1, niah_multikey_2
+    model_args = calls[0][calls[0].index("--model_args") + 1]
+    assert model_args == ("pretrained=smollm2-135m,posenc=self_extend,window=4096,group=8,dynamic=True,"
+                          "max_length=16384")
+    assert calls[0][calls[0].index("--limit") + 1] == "3"
+    assert "| self-extend-w4096-g8 | niah_single_1 | 16384 | 0.90 | 3 |" in (tmp_path / "table.md").read_text()
+    assert study.main(argv) == 0 and len(calls) == 2  # resumed: nothing run again
+    with pytest.raises(SystemExit):
+        study.main(["--out", str(tmp_path), "--rows", "nope"])
