@@ -324,11 +324,10 @@ class Rope(PositionMethod):
         return params
 
     def _longrope_parameters(self) -> dict:
-        opts = self.options
-        short = opts.short_factor if opts.short_factor is not None else [1.0] * (self.rot_dim // 2)
-        params = {"long_factor": [float(v) for v in opts.long_factor], "short_factor": [float(v) for v in short]}
-        if opts.attention_factor is not None:
-            params["attention_factor"] = float(opts.attention_factor)
+        resolved = RopeOptions.resolved_longrope(self.options, self.shape)  # short_factor filled in, floats
+        params = {"long_factor": resolved["long_factor"], "short_factor": resolved["short_factor"]}
+        if resolved["attention_factor"] is not None:
+            params["attention_factor"] = float(resolved["attention_factor"])
         return params
 
     def _inv_freq(self, seq_len: int | None, device=None) -> tuple[torch.Tensor, float]:
