@@ -68,10 +68,10 @@ def _named_model_to_path(model_args: dict | None) -> None:
     """``pretrained=<an hf_posenc.sources name>`` (smollm2-135m) becomes its cached folder, fetched if needed, before
     lm-eval reads the model args: RULER's tasks load their tokenizer from ``pretrained`` with AutoTokenizer, which
     knows folders and hub ids, not this package's names."""
-    from .lm_eval_model import _resolve
+    from .lm_eval_model import resolve_pretrained
 
     if isinstance(model_args, dict) and isinstance(model_args.get("pretrained"), str):
-        model_args["pretrained"] = _resolve(model_args["pretrained"])
+        model_args["pretrained"] = resolve_pretrained(model_args["pretrained"])
 
 
 @contextlib.contextmanager

@@ -57,7 +57,7 @@ class HFPosencLM(HFLM):
             raise EvalInputError("max_position_embeddings is an option of posenc=<method>; give posenc as well")
         self._posenc = (posenc, options, max_position_embeddings)
         if isinstance(pretrained, (str, os.PathLike)):
-            pretrained = _resolve(str(pretrained))
+            pretrained = resolve_pretrained(str(pretrained))
             prepare_cpu_launch()
         try:
             super().__init__(pretrained=pretrained, **kwargs)
@@ -172,7 +172,7 @@ class HFPosencLM(HFLM):
         return self.pretrained if isinstance(self.pretrained, str) else type(self.model).__name__
 
 
-def _resolve(pretrained: str) -> str:
+def resolve_pretrained(pretrained: str) -> str:
     """A local path, an ``hf_posenc.sources`` model name (fetched into the cache), or else a hub id."""
     if Path(pretrained).expanduser().exists():
         return str(Path(pretrained).expanduser())
