@@ -86,15 +86,11 @@ def materialise_gguf_causal_lm(gguf_path: Path, out: Path) -> None:
 
     transformers marks a GGUF-loaded model as quantised; the weights are ordinary fp32 tensors by then, so the
     quantiser and ``quantization_config`` are dropped, otherwise the saved folder would ask for GGUF again."""
-    _require("gguf", "loading the SmolLM2 GGUF checkpoint")
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model, tokenizer = load_gguf_causal_lm(gguf_path)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         delattr(model.config, "quantization_config")
     model.save_pretrained(out)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     tokenizer.save_pretrained(out)
 
 
