@@ -8,16 +8,23 @@ and all-token perplexity of the first ``--windows`` windows of each held-out tex
 
 ``training-free-mscale-0.5``: the same conversion with YaRN's attention temperature at 0.5 (what the retrofit
 chooses on SmolLM2). ``--out`` is a retrofit output folder: a fine-tune already there (same settings) is reused, not repeated.
+``--fit DIR`` adds the row ``fitted-longrope``: the factors ``hf-posenc fit --out DIR`` found.
+
+Resumable: each window, context-gain reach and passkey prompt is written to ``OUT/cells/<row>/`` as soon as it is
+scored (a 16k window is minutes on a CPU), so a rerun, with more windows, lengths or prompts, scores only the
+missing units; the row is loaded only when one is missing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 VARIANTS: dict[str, dict] = {  # row -> TrainConfig overrides on top of the default recipe's
     "default": {},
@@ -44,6 +51,7 @@ TRAINING_FREE_METHODS: dict[str, tuple[str, dict]] = {
     "rerope-w4096": ("rerope", {"window": 4096, "dynamic": True}),
     "rerope-leaky-w4096-k8": ("rerope", {"window": 4096, "leaky": 8.0, "dynamic": True}),
 }
+FITTED = "fitted-longrope"  # --fit DIR: LongRoPE factors searched by hf-posenc fit (docs/fit.md)
 METHOD_ROWS: dict[str, list[str]] = {  # row -> hf-posenc retrofit flags: another method (--out: that run's folder)
     "alibi": ["--method", "alibi", "--lr", "3e-4"],  # as studies/smollm2_cpu_retrofit.py (docs §2a)
     "t5": ["--method", "t5", "--lr", "3e-4"],
@@ -68,7 +76,11 @@ def parse_args(argv):
                         help="also the context gain past 8k of the self-extension rows (dynamic: the original within "
                              "8k): last-1k perplexity with the whole window / with its last 8k tokens")
     parser.add_argument("--retrofit-args", default="", help="extra hf-posenc retrofit flags (model, data, steps)")
+    parser.add_argument("--fit", default=None,
+                        help=f"an hf-posenc fit folder: adds the row {FITTED!r}, rope scaled by its factors.json")
     args = parser.parse_args(argv)
+    if args.fit:
+        TRAINING_FREE_METHODS[FITTED] = fitted_row(Path(args.fit))
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in known_rows()]
     if unknown:
@@ -82,6 +94,14 @@ def parse_args(argv):
     args.lengths, args.passkey_lengths = ([int(n) for n in text.split(",") if n] for text in (args.lengths,
                                                                                               args.passkey_lengths))
     return args
+
+
+def fitted_row(folder: Path) -> tuple[str, dict]:
+    """The conversion hf-posenc fit found (its factors.json: convert's keyword arguments for rope's longrope)."""
+    factors = folder / "factors.json"
+    if not factors.exists():
+        raise SystemExit(f"{factors} does not exist: run hf-posenc fit --out {folder} first (docs/fit.md)")
+    return "rope", {"scaling": "longrope", **json.loads(factors.read_text())}
 
 
 def known_rows() -> list[str]:
@@ -105,43 +125,145 @@ def plan_for(row: str, out: str, retrofit_args: str):
     return plan, plan.recipe
 
 
-def score_row(row: str, args) -> dict:
+class Cells:
+    """One file per scored unit (a window, a context-gain reach, a passkey prompt) in ``OUT/cells/<row>/``, written
+    as it is scored: a study stopped at any point and rerun (with more windows, lengths or prompts) scores only what
+    is missing. Each file keeps its identity (the row's conversion or fine-tune, the text's digest, the unit); a file
+    whose identity differs was written by another study and is refused, never reused."""
+
+    def __init__(self, folder: Path, identity: dict):
+        self.folder, self.identity = folder, identity
+
+    def get(self, name: str, unit: dict, compute: Callable[[], dict]) -> dict:
+        from hf_posenc._fs import write_text_atomic
+
+        path, identity = self.folder / f"{name}.json", {**self.identity, **unit}
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved["identity"] != identity:
+                differ = sorted(k for k in {*identity, *saved["identity"]}
+                                if identity.get(k) != saved["identity"].get(k))
+                raise SystemExit(f"{path} was scored by another study (differs in {differ}): use another --out")
+            return saved["value"]
+        value = compute()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps({"identity": identity, "value": value}))
+        return value
+
+
+def load_row(row: str, plan, recipe) -> tuple[dict, Callable]:
+    """(the row's identity: its conversion or fine-tune; the row's model, loaded on the first call: when a unit is
+    first missing)."""
     import torch
 
     from hf_posenc import retrofit
-    from hf_posenc.integrations.long_context import context_gain, passkey_accuracy, passkey_docs, window_scores
 
-    plan, recipe = plan_for(row, args.out, args.retrofit_args)
-    retrofit.fetch_model(plan)
-    started = time.time()
     if row in TRAINING_FREE_VARIANTS:
         options = {**recipe.options, **TRAINING_FREE_VARIANTS[row]}
-        model, tokenizer, _ = retrofit.load_original(plan, (recipe.method, options))
-        result = {"finetune": None, "options": options}
+        about, conversion = {"finetune": None, "options": options}, (recipe.method, options)
     elif row in TRAINING_FREE_METHODS:
         method, options = TRAINING_FREE_METHODS[row]
-        model, tokenizer, _ = retrofit.load_original(plan, (method, options))
-        result = {"finetune": None, "method": method, "options": options}
+        about, conversion = {"finetune": None, "method": method, "options": options}, (method, options)
     else:
-        model, tokenizer, _ = retrofit.load_retrofit(retrofit.finetune(plan))
-        result = {"finetune": {**retrofit.finetune_summary(plan), "dir": str(plan.finetune_dir),
-                               "overrides": VARIANTS.get(row, METHOD_ROWS.get(row))}}
-    result["prepare_s"] = round(time.time() - started, 1)
+        about = {"finetune": {**retrofit.finetune_summary(plan), "dir": str(plan.finetune_dir),
+                              "overrides": VARIANTS.get(row, METHOD_ROWS.get(row))}}
+        conversion = None
+    loaded: list = []
+
+    def model():
+        if not loaded:
+            with torch.enable_grad():  # a fine-tune may run here, inside the scoring's no_grad
+                loaded.append((retrofit.load_original(plan, conversion) if conversion
+                               else retrofit.load_retrofit(retrofit.finetune(plan)))[0].eval())
+        return loaded[0]
+
+    return about, model
+
+
+def score_row(row: str, args) -> dict:
+    import hashlib
+
+    import torch
+    import transformers
+
+    from hf_posenc import retrofit
+    from hf_posenc.integrations.long_context import passkey_accuracy, passkey_docs, token_nll
+    from hf_posenc.training.data import eval_windows
+
+    plan, recipe = plan_for(row, args.out, args.retrofit_args)
+    started = time.time()
+    result, model = load_row(row, plan, recipe)
+    retrofit.fetch_model(plan)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(plan.train.tokenizer or plan.model_location)
+    cells = Cells(Path(args.out) / "cells" / row, {"row": row, "model": plan.model_location, **result})
+    last = retrofit.LAST_TOKENS
+
+    def window_nll(ids: torch.Tensor) -> dict:  # mean NLL (nats) of all targets of ids and of the last ``last``
+        nll = token_nll(model(), ids).double()  # (len(ids) - 1,)
+        return {"all": nll.mean().item(), "last": nll[-last:].mean().item()}
+
     with torch.no_grad():
         for corpus, path in plan.corpora.items():
-            ids = torch.tensor(tokenizer(path.read_text())["input_ids"])
+            text = path.read_text()
+            ids = torch.tensor(tokenizer(text)["input_ids"])
+            digest = hashlib.sha256(text.encode()).hexdigest()[:16]
             for n in args.lengths:
-                result[f"{corpus}@{n}"] = window_scores(model, ids, n, n * args.windows, retrofit.LAST_TOKENS)
+                windows = eval_windows(ids, n, n * args.windows)  # (W, n)
+                if len(windows) == 0:
+                    result[f"{corpus}@{n}"] = {"error": f"held-out text has {len(ids)} tokens, fewer than {n}"}
+                    continue
+                units = [cells.get(f"{corpus}@{n}#{k}", {"text": digest, "length": n, "window": k},
+                                   lambda w=w: window_nll(w))
+                         for k, w in enumerate(windows)]
+                result[f"{corpus}@{n}"] = window_cell(units, n, last)
                 print(row, corpus, n, result[f"{corpus}@{n}"], flush=True)
                 if args.gain and n > TRAINED and result.get("method"):  # dynamic rows: the original within 8k
-                    result[f"gain:{corpus}@{n}"] = context_gain(model, model, ids, n, n * args.windows, TRAINED,
-                                                               retrofit.LAST_TOKENS)
+                    reach = [cells.get(f"reach:{corpus}@{n}#{k}", {"text": digest, "length": n, "window": k},
+                                       lambda w=w: window_nll(w[-TRAINED:]))
+                             for k, w in enumerate(windows)]
+                    result[f"gain:{corpus}@{n}"] = gain_cell(units, reach)
                     print(row, corpus, n, "context gain", result[f"gain:{corpus}@{n}"], flush=True)
         if args.passkey_lengths:
             docs = passkey_docs(tokenizer, args.passkey_lengths, args.passkey_depths, args.passkey_samples)
-            result["passkey"] = passkey_accuracy(model, docs)
+            digests = [hashlib.sha256(str(d["ids"]).encode()).hexdigest()[:16] for d in docs]
+            prompts = [cells.get(f"passkey:{d['length']}@{d['depth']:g}-{key}", {"prompt": key},
+                                 lambda d=d: passkey_accuracy(model(), [d]))
+                       for d, key in zip(docs, digests)]
+            result["passkey"] = passkey_summary(prompts)
             print(row, "passkey", result["passkey"], flush=True)
+    result["prepare_s"] = round(time.time() - started, 1)
     return result
+
+
+def window_cell(units: list[dict], length: int, last: int) -> dict:
+    """window_scores' cell from per-window mean NLLs (equal-length windows: the mean of means is the mean)."""
+    mean = lambda key: sum(u[key] for u in units) / len(units)  # noqa: E731
+    return {"ppl": math.exp(mean("all")), "last": math.exp(mean("last")), "windows": len(units),
+            "last_tokens": min(last, length - 1)}
+
+
+def gain_cell(units: list[dict], reach: list[dict]) -> dict:
+    """context_gain's cell: the row's last-1k NLL with the whole window over the same targets with its last 8k."""
+    full = sum(u["last"] for u in units) / len(units)
+    short = sum(r["last"] for r in reach) / len(reach)
+    return {"gain": math.exp(full - short), "full": math.exp(full), "reach": math.exp(short), "windows": len(units)}
+
+
+def passkey_summary(prompts: list[dict]) -> dict:
+    """passkey_accuracy's scores over prompts scored one by one (each its own {"<L>": hit, "<L>@<depth>": hit,
+    "<L>/n": 1, "<L>/nll": nll})."""
+    hits: dict[str, list[float]] = {}
+    nlls: dict[str, list[float]] = {}
+    for p in prompts:
+        for key, value in p.items():
+            if "/" not in key:
+                hits.setdefault(key, []).append(value)
+            elif key.endswith("/nll"):
+                nlls.setdefault(key, []).append(value)
+    scores = {key: sum(v) / len(v) for key, v in hits.items()}
+    scores.update({f"{key}/n": len(v) for key, v in hits.items() if "@" not in key})
+    scores.update({key: sum(v) / len(v) for key, v in nlls.items()})
+    return scores
 
 
 def table(results: dict, lengths: list[int], passkey_lengths: list[int] = ()) -> str:

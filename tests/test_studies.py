@@ -228,3 +228,70 @@ def test_ruler_study_runs_one_eval_per_cell_and_resumes(tmp_path, monkeypatch):
     assert study.main(argv) == 0 and len(calls) == 2  # resumed: nothing run again
     with pytest.raises(SystemExit):
         study.main(["--out", str(tmp_path), "--rows", "nope"])
+
+
+def test_recipe_variants_resume_from_per_window_cells(tmp_path, tiny_llama_dir, monkeypatch):
+    """Every window, reach and passkey prompt is a file as soon as it is scored: a rerun with more windows scores
+    only the new ones, the cells combine to what window_scores / context_gain give in one go, and a cell another
+    study wrote is refused."""
+    import torch
+    from tiny_models import DATA
+
+    from hf_posenc.integrations import long_context
+
+    study = load_script("smollm2_recipe_variants")
+    monkeypatch.setattr(study, "TRAINED", 32)  # the reach of the context gain (the tiny model's context: 64)
+    monkeypatch.setitem(study.TRAINING_FREE_METHODS, "rerope-w16", ("rerope", {"window": 16, "dynamic": True}))
+    extra = f"--model {tiny_llama_dir} --data {TEXT} --heldout {TEXT} --other-heldout {DATA / 'other.txt'} --seq-len 32"
+    out = tmp_path / "cells"
+    forwards = []
+    token_nll = long_context.token_nll
+    monkeypatch.setattr(long_context, "token_nll", lambda model, ids: forwards.append(len(ids)) or token_nll(model, ids))
+    run = ["--out", str(out), "--rows", "rerope-w16", "--lengths", "128", "--gain", "--retrofit-args", extra]
+    assert study.main([*run, "--windows", "1"]) == 0
+    assert forwards == [128, 32] * 2  # per corpus: the window, its last 32 tokens
+    forwards.clear()
+    assert study.main([*run, "--windows", "2", "--passkey-lengths", "256", "--passkey-samples", "1"]) == 0
+    assert forwards == [128, 32] * 2  # only each corpus' second window; the passkey runs in its own forward
+    row = json.loads((out / "variants-W2.json").read_text())["rerope-w16"]
+
+    from hf_posenc import retrofit
+
+    plan, _ = study.plan_for("rerope-w16", str(out), extra)
+    retrofit.fetch_model(plan)
+    model, tokenizer, _ = retrofit.load_original(plan, study.TRAINING_FREE_METHODS["rerope-w16"])
+    ids = torch.tensor(tokenizer(Path(TEXT).read_text())["input_ids"])
+    whole = long_context.window_scores(model, ids, 128, 256, 1024)
+    assert row["tempest@128"]["last"] == pytest.approx(whole["last"]) and row["tempest@128"]["windows"] == 2
+    gain = long_context.context_gain(model, model, ids, 128, 256, 32, 1024)
+    assert row["gain:tempest@128"]["gain"] == pytest.approx(gain["gain"])
+    assert row["passkey"]["256/n"] == 5
+
+    cell = next((out / "cells" / "rerope-w16").glob("tempest@128#0.json"))
+    saved = json.loads(cell.read_text())
+    saved["identity"]["options"]["window"] = 8  # another study's row of the same name
+    cell.write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match="scored by another study .*options.*use another --out"):
+        study.main([*run, "--windows", "1"])
+
+
+def test_recipe_variants_score_the_factors_a_fit_found(tmp_path, tiny_llama_dir):
+    """--fit DIR adds the fitted-longrope row: rope's longrope with the fit's factors.json; a folder without one is
+    refused, naming the command that writes it."""
+    import transformers
+    from tiny_models import DATA
+
+    study = load_script("smollm2_recipe_variants")
+    extra = f"--model {tiny_llama_dir} --data {TEXT} --heldout {TEXT} --other-heldout {DATA / 'other.txt'} --seq-len 32"
+    run = ["--out", str(tmp_path / "out"), "--rows", "fitted-longrope", "--lengths", "128", "--windows", "1",
+           "--retrofit-args", extra]
+    with pytest.raises(SystemExit, match="factors.json does not exist: run hf-posenc fit --out"):
+        study.main([*run, "--fit", str(tmp_path / "fit")])
+    config = transformers.AutoConfig.from_pretrained(tiny_llama_dir)
+    pairs = config.hidden_size // config.num_attention_heads // 2
+    (tmp_path / "fit").mkdir()
+    (tmp_path / "fit" / "factors.json").write_text(json.dumps({"factor": 2.0, "long_factor": [2.0] * pairs}))
+    assert study.main([*run, "--fit", str(tmp_path / "fit")]) == 0
+    row = json.loads((tmp_path / "out" / "variants-W1.json").read_text())["fitted-longrope"]
+    assert row["method"] == "rope" and row["options"] == {"scaling": "longrope", "factor": 2.0, "long_factor": [2.0] * pairs}
+    assert row["tempest@128"]["last"] > 1
