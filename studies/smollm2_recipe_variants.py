@@ -187,7 +187,7 @@ def score_row(row: str, args) -> dict:
     import transformers
 
     from hf_posenc import retrofit
-    from hf_posenc.integrations.long_context import passkey_accuracy, passkey_docs, token_nll
+    from hf_posenc.integrations.long_context import passkey_docs, passkey_prompt, passkey_summary, token_nll
     from hf_posenc.training.data import eval_windows
 
     plan, recipe = plan_for(row, args.out, args.retrofit_args)
@@ -227,7 +227,7 @@ def score_row(row: str, args) -> dict:
             docs = passkey_docs(tokenizer, args.passkey_lengths, args.passkey_depths, args.passkey_samples)
             digests = [hashlib.sha256(str(d["ids"]).encode()).hexdigest()[:16] for d in docs]
             prompts = [cells.get(f"passkey:{d['length']}@{d['depth']:g}-{key}", {"prompt": key},
-                                 lambda d=d: passkey_accuracy(model(), [d]))
+                                 lambda d=d: passkey_prompt(model(), d))
                        for d, key in zip(docs, digests)]
             result["passkey"] = passkey_summary(prompts)
             print(row, "passkey", result["passkey"], flush=True)
@@ -247,23 +247,6 @@ def gain_cell(units: list[dict], reach: list[dict]) -> dict:
     full = sum(u["last"] for u in units) / len(units)
     short = sum(r["last"] for r in reach) / len(reach)
     return {"gain": math.exp(full - short), "full": math.exp(full), "reach": math.exp(short), "windows": len(units)}
-
-
-def passkey_summary(prompts: list[dict]) -> dict:
-    """passkey_accuracy's scores over prompts scored one by one (each its own {"<L>": hit, "<L>@<depth>": hit,
-    "<L>/n": 1, "<L>/nll": nll})."""
-    hits: dict[str, list[float]] = {}
-    nlls: dict[str, list[float]] = {}
-    for p in prompts:
-        for key, value in p.items():
-            if "/" not in key:
-                hits.setdefault(key, []).append(value)
-            elif key.endswith("/nll"):
-                nlls.setdefault(key, []).append(value)
-    scores = {key: sum(v) / len(v) for key, v in hits.items()}
-    scores.update({f"{key}/n": len(v) for key, v in hits.items() if "@" not in key})
-    scores.update({key: sum(v) / len(v) for key, v in nlls.items()})
-    return scores
 
 
 def table(results: dict, lengths: list[int], passkey_lengths: list[int] = ()) -> str:

@@ -266,6 +266,9 @@ def test_recipe_variants_resume_from_per_window_cells(tmp_path, tiny_llama_dir, 
     gain = long_context.context_gain(model, model, ids, 128, 256, 32, 1024)
     assert row["gain:tempest@128"]["gain"] == pytest.approx(gain["gain"])
     assert row["passkey"]["256/n"] == 5
+    monkeypatch.setattr(long_context, "passkey_prompt", lambda model, doc: pytest.fail("a prompt scored twice"))
+    assert study.main([*run, "--windows", "2", "--passkey-lengths", "256", "--passkey-samples", "1"]) == 0
+    assert json.loads((out / "variants-W2.json").read_text())["rerope-w16"]["passkey"] == row["passkey"]
 
     cell = next((out / "cells" / "rerope-w16").glob("tempest@128#0.json"))
     saved = json.loads(cell.read_text())

@@ -6,7 +6,8 @@
   (L, vocab) logits are ever held.
 * :func:`passkey_docs` / :func:`passkey_accuracy`: the ``posenc_passkey`` prompts (repeated-sentence filler); a hit is
   a greedy continuation that reproduces the key, checked in one forward by teacher forcing (argmax at every answer
-  position).
+  position). :func:`passkey_prompt` scores one prompt and :func:`passkey_summary` sums records, for a study that
+  keeps each prompt's record as it goes.
 
 ``hf-posenc retrofit`` and the studies score with these; ``hf-posenc eval`` (lm-eval) has the same prompts and
 windows as tasks.
@@ -91,27 +92,41 @@ def passkey_docs(tokenizer, lengths, depths, samples: int) -> list[dict]:
     return docs
 
 
-@torch.no_grad()
 def passkey_accuracy(model, docs: list[dict], done: Callable[[int], Any] | None = None) -> dict[str, float]:
     """{"<L>": accuracy, "<L>@<depth>": accuracy, "<L>/n": prompts, "<L>/nll": mean NLL (nats) of the answer
     tokens}; hit = argmax reproduces every answer token. The NLL is the continuous score behind the hits: it tells
     two models with the same hit count apart, and moves before a hit flips. ``done(tokens)`` after each prompt
     (a progress bar's ``update``: a 16k prompt takes minutes on a CPU)."""
-    hits: dict[str, list[float]] = {}
-    nlls: dict[str, list[float]] = {}
-    device = model.device
+    records = []
     for doc in docs:
-        ids = torch.tensor(doc["ids"], device=device)
-        a = doc["answer_from"]
-        with autocast(device):
-            hidden = model.base_model(input_ids=ids[None], use_cache=False).last_hidden_state[0, a - 1 : -1]
-            logits = model.get_output_embeddings()(hidden).float()  # (answer tokens, vocab)
-        hit = float(torch.equal(logits.argmax(-1), ids[a:]))
-        for key in (str(doc["length"]), f"{doc['length']}@{doc['depth']:g}"):
-            hits.setdefault(key, []).append(hit)
-        nlls.setdefault(str(doc["length"]), []).append(float(F.cross_entropy(logits, ids[a:])))
+        records.append(passkey_prompt(model, doc))
         if done is not None:
             done(len(doc["ids"]))
+    return passkey_summary(records)
+
+
+@torch.no_grad()
+def passkey_prompt(model, doc: dict) -> dict:
+    """One prompt in one forward: {"length", "depth", "hit": 1.0 when the argmax at every answer position is the
+    answer token, "nll": mean NLL (nats) of the answer tokens}."""
+    device = model.device
+    ids = torch.tensor(doc["ids"], device=device)
+    a = doc["answer_from"]
+    with autocast(device):
+        hidden = model.base_model(input_ids=ids[None], use_cache=False).last_hidden_state[0, a - 1 : -1]
+        logits = model.get_output_embeddings()(hidden).float()  # (answer tokens, vocab)
+    return {"length": doc["length"], "depth": doc["depth"], "hit": float(torch.equal(logits.argmax(-1), ids[a:])),
+            "nll": float(F.cross_entropy(logits, ids[a:]))}
+
+
+def passkey_summary(records: list[dict]) -> dict[str, float]:
+    """passkey_accuracy's scores from :func:`passkey_prompt` records (scored in one run or in several)."""
+    hits: dict[str, list[float]] = {}
+    nlls: dict[str, list[float]] = {}
+    for r in records:
+        for key in (str(r["length"]), f"{r['length']}@{r['depth']:g}"):
+            hits.setdefault(key, []).append(r["hit"])
+        nlls.setdefault(str(r["length"]), []).append(r["nll"])
     scores = {key: sum(v) / len(v) for key, v in hits.items()}
     scores.update({f"{key}/n": len(v) for key, v in hits.items() if "@" not in key})
     scores.update({f"{key}/nll": sum(v) / len(v) for key, v in nlls.items()})
