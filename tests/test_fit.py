@@ -108,6 +108,29 @@ def test_a_line_cut_short_by_a_crash_is_dropped_and_rescored(tmp_path, model, ti
     assert len(calls) == 1 and records(out) == whole
 
 
+def test_a_fit_killed_mid_generation_keeps_every_candidate_it_scored(tmp_path, model, tiny_tokenizer, monkeypatch):
+    """A candidate is on disk as soon as it is scored, not at the end of its generation (a 16k candidate is minutes on
+    a CPU): killed during the third of a generation of 4, the rerun scores only the third and fourth."""
+    scored, original = [], run.evaluate
+
+    def killed_at_the_third(m, objective):
+        if len(scored) == 2:
+            raise KeyboardInterrupt
+        scored.append(1)
+        return original(m, objective)
+
+    monkeypatch.setattr(run, "evaluate", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        fit(settings(tmp_path / "a", budget=4), model, tiny_tokenizer, progress_bar=False)
+    assert len(records(tmp_path / "a")) == 2
+    monkeypatch.setattr(run, "evaluate", original)
+    calls = counting(monkeypatch)
+    fit(settings(tmp_path / "a", budget=4), model, tiny_tokenizer, progress_bar=False)
+    assert len(calls) == 2
+    fit(settings(tmp_path / "b", budget=4), model, tiny_tokenizer, progress_bar=False)
+    assert records(tmp_path / "a") == records(tmp_path / "b")
+
+
 @pytest.mark.parametrize("change, named", [({"target_length": 3 * OLD_LIMIT}, "target_length: 128 there, 192 here"),
                                           ({"seed": 1}, "seed: 0 there, 1 here"),
                                           ({"last_tokens": 10}, "last_tokens: 1024 there, 10 here")])

@@ -141,17 +141,19 @@ def run_search(state: Search, progress, gather) -> None:
         if not drawn or affordable <= 0:  # the search has nothing new, or the budget is spent
             return
         fresh = [f for f in drawn if search.key(f) not in replayed][:affordable]  # replayed: scored in the file
-        mine = {i: state.score(f) for i, f in enumerate(fresh) if i % state.world == state.rank}
-        results = gather(mine)  # {index: result} from every rank
-        for i, factors in enumerate(fresh):
-            record = {"generation": index, "long_factor": factors, **results[i]}
-            if search.key(factors) in names:
-                record["seed"] = names[search.key(factors)]
-            state.records.append(record)
-            replayed[search.key(factors)] = record
-            if state.rank == 0:
-                append(path, record)
-                progress.update(cost)
+        for start in range(0, len(fresh), state.world):  # one candidate per rank, then every record is on disk
+            batch = fresh[start : start + state.world]
+            mine = {start + state.rank: state.score(batch[state.rank])} if state.rank < len(batch) else {}
+            results = gather(mine)  # {index: result} from every rank
+            for i, factors in enumerate(batch, start):
+                record = {"generation": index, "long_factor": factors, **results[i]}
+                if search.key(factors) in names:
+                    record["seed"] = names[search.key(factors)]
+                state.records.append(record)
+                replayed[search.key(factors)] = record
+                if state.rank == 0:
+                    append(path, record)
+                    progress.update(cost)
         if state.rank == 0:
             write_results(state)
 
