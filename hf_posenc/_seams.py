@@ -7,6 +7,7 @@ If transformers moves one of these, the import here fails with a message naming 
 from __future__ import annotations
 
 import importlib
+import inspect
 
 
 def _internal(module: str, name: str):
@@ -33,6 +34,10 @@ TransformersKwargs = _internal("transformers.utils.generic", "TransformersKwargs
 _active_collector = _internal("transformers.utils.output_capturing", "_active_collector")
 EncoderDecoderCache = _internal("transformers.cache_utils", "EncoderDecoderCache")
 StaticLayer = _internal("transformers.cache_utils", "StaticLayer")
+# a model's forward takes its KV cache as ``cache=`` from transformers 5.24 (``past_key_values=`` before; 5.24 still
+# takes the old name with a deprecation warning, removed in 5.40)
+CACHE_KEYWORD = "cache" if "cache" in inspect.signature(
+    _internal("transformers.models.llama.modeling_llama", "LlamaModel").forward).parameters else "past_key_values"
 # from_pretrained logs its missing / unexpected / mismatched keys as one warning, on this logger, with this marker
 LOAD_REPORT_LOGGER = "transformers.modeling_utils"
 LOAD_REPORT_MARKER = "LOAD REPORT"

@@ -63,3 +63,26 @@ def test_passkey_reports_each_prompt_as_it_is_done(model_and_docs):
     seen = []
     passkey_accuracy(model, docs[:3], done=seen.append)
     assert seen == [len(d["ids"]) for d in docs[:3]]
+
+
+@pytest.mark.parametrize("family, conversion", [
+    ("gemma3", None),  # sliding-window layers: the chunks attend through a sliding cache
+    ("gemma3", ("rope", {"scaling": "yarn", "factor": 4.0})),
+    ("llama", ("self_extend", {"window": 16, "group": 4})),
+    ("llama", ("alibi", {})),
+])
+def test_a_chunked_prefill_scores_what_the_full_forward_scores(family, conversion):
+    """token_nll(chunk=C) feeds the window C tokens at a time through a cache; for a model whose cache gives its
+    full forward (not scaled by the input length), the NLL is the full forward's, past the old limit too."""
+    import hf_posenc
+    from hf_posenc.integrations.long_context import token_nll
+    from tiny_models import OLD_LIMIT, tiny_model
+
+    model = tiny_model(family).eval()
+    if conversion:
+        hf_posenc.convert(model, conversion[0], **conversion[1])
+    ids = torch.randint(0, model.config.vocab_size, (3 * OLD_LIMIT + 5,), generator=torch.Generator().manual_seed(0))
+    whole = token_nll(model, ids)
+    assert whole.shape == (len(ids) - 1,)
+    for chunk in (OLD_LIMIT // 2, 48, len(ids) - 2):  # the last chunk: one target, or none after a full one
+        torch.testing.assert_close(token_nll(model, ids, chunk), whole, rtol=1e-4, atol=1e-4)

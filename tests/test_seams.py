@@ -213,3 +213,16 @@ def test_rope_init_functions_read_the_throwaway_config_as_a_models_rotary_does(r
     use = "for a checkpoint's own scaled RoPE (methods/rope.py)"
     assert torch.equal(inv_freq, rotary.inv_freq.float()), moved("ROPE_INIT_FUNCTIONS' config fields", use)
     assert scale == rotary.attention_scaling, moved("ROPE_INIT_FUNCTIONS' attention factor", use)
+
+
+def test_cache_keyword_is_the_one_a_models_forward_takes():
+    """_seams.CACHE_KEYWORD (token_nll's chunked prefill passes its cache by it): a cache passed by that name is
+    filled; transformers renamed ``past_key_values`` to ``cache`` in 5.24."""
+    import transformers
+
+    from hf_posenc._seams import CACHE_KEYWORD
+
+    model = tiny_model("llama").eval()
+    cache = transformers.DynamicCache(config=model.config)
+    model.base_model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True, **{CACHE_KEYWORD: cache})
+    assert cache.get_seq_length() == 3

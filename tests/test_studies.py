@@ -298,3 +298,32 @@ def test_recipe_variants_score_the_factors_a_fit_found(tmp_path, tiny_llama_dir)
     row = json.loads((tmp_path / "out" / "variants-W1.json").read_text())["fitted-longrope"]
     assert row["method"] == "rope" and row["options"] == {"scaling": "longrope", "factor": 2.0, "long_factor": [2.0] * pairs}
     assert row["tempest@128"]["last"] > 1
+
+
+def test_gemma3_study_chunked_scores_what_the_whole_forward_scores_and_resumes(tmp_path, tiny_tokenizer_dir):
+    """--chunk: the original through a chunked prefill, and the retrofit (Dynamic YaRN, which follows the input
+    length) as YaRN at the window's scale: both score what one whole forward of the window scores. A rerun skips the
+    rows results.json has."""
+    import shutil
+
+    from tiny_models import OLD_LIMIT, tiny_model
+
+    model = tmp_path / "tiny-gemma3"
+    tiny_model("gemma3").save_pretrained(model)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, model)
+    study = load_script("gemma3_long_context")
+    run = ["--model", str(model), "--corpora", str(TEXT), "--lengths", f"{OLD_LIMIT // 2},{2 * OLD_LIMIT}"]
+    assert study.main(["--out", str(tmp_path / "whole"), *run]) == 0
+    assert study.main(["--out", str(tmp_path / "chunked"), *run, "--chunk", "24"]) == 0
+    whole, chunked = (json.loads((tmp_path / f / "results.json").read_text()) for f in ("whole", "chunked"))
+    for a, b in zip(whole, chunked, strict=True):
+        assert (a["variant"], a["length"]) == (b["variant"], b["length"])
+        assert b["last"] == pytest.approx(a["last"], rel=1e-4) and b["ppl"] == pytest.approx(a["ppl"], rel=1e-4)
+    assert chunked[-1]["conversion"].endswith(f"'scaling': 'yarn', 'factor': 2.5, 'mscale': 1.0}} at {2 * OLD_LIMIT}")
+    assert chunked[-2]["conversion"].endswith(f"= the original at {OLD_LIMIT // 2}")
+    assert study.main(["--out", str(tmp_path / "chunked"), *run, "--chunk", "24", "--lengths", f"{OLD_LIMIT},"
+                       f"{2 * OLD_LIMIT}"]) == 0
+    again = json.loads((tmp_path / "chunked" / "results.json").read_text())
+    assert again[:4] == chunked and [(r["variant"], r["length"]) for r in again[4:]] == [("original", OLD_LIMIT),
+                                                                                       ("retrofit", OLD_LIMIT)]

@@ -20,7 +20,9 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+import transformers
 
+from .._seams import CACHE_KEYWORD
 from ..training.data import eval_windows
 
 HEAD_CHUNK = 4096  # positions per lm_head call: (chunk, vocab) fp32 logits at a time, never (L, vocab)
@@ -32,24 +34,39 @@ def autocast(device: torch.device):
 
 
 @torch.no_grad()
-def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
-    """NLL of ids[1:] given the prefix, for one (L,) window: (L - 1,) fp32 on the CPU."""
+def token_nll(model, ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """NLL of ids[1:] given the prefix, for one (L,) window: (L - 1,) fp32 on the CPU.
+
+    ``chunk``: the window goes through the model ``chunk`` tokens at a time with a cache (a chunked prefill). The
+    NLL is the full forward's for any model whose cache gives its full forward (tests/test_long_context.py); a
+    sliding-window layer then attends to its window only, instead of to every position under a mask, which makes
+    Gemma 3 at 64k several times cheaper. A model that scales by the input length (dynamic NTK / YaRN, dynamic
+    self-extension) sees each chunk's length, not the window's: score those whole."""
     device = model.device
+    head = model.get_output_embeddings()
+    cache = transformers.DynamicCache(config=model.config) if chunk else None
+    step = chunk or len(ids)
+    out = []
     with autocast(device):
-        hidden = model.base_model(input_ids=ids[None].to(device), use_cache=False).last_hidden_state[0, :-1]
-        head, targets = model.get_output_embeddings(), ids[1:].to(device)  # hidden (L - 1, D) predicts targets
-        out = [F.cross_entropy(head(hidden[s : s + HEAD_CHUNK]).float(), targets[s : s + HEAD_CHUNK], reduction="none")
-               for s in range(0, len(targets), HEAD_CHUNK)]
+        for start in range(0, len(ids) - 1, step):
+            part = ids[start : start + step].to(device)
+            hidden = model.base_model(input_ids=part[None], use_cache=cache is not None, **{CACHE_KEYWORD: cache})
+            hidden = hidden.last_hidden_state[0]  # (len(part), D): position p predicts ids[start + p + 1]
+            targets = ids[start + 1 : start + len(part) + 1].to(device)
+            hidden = hidden[: len(targets)]
+            out += [F.cross_entropy(head(hidden[s : s + HEAD_CHUNK]).float(), targets[s : s + HEAD_CHUNK],
+                                    reduction="none") for s in range(0, len(targets), HEAD_CHUNK)]
     return torch.cat(out).cpu()
 
 
-def window_scores(model, heldout: torch.Tensor, length: int, max_tokens: int, last_tokens: int = 1024) -> dict:
+def window_scores(model, heldout: torch.Tensor, length: int, max_tokens: int, last_tokens: int = 1024,
+                  chunk: int | None = None) -> dict:
     """{"ppl": all targets, "last": the last ``last_tokens`` targets of each window, "windows": n} at ``length``;
-    {"error": ...} when the text is shorter than one window."""
+    {"error": ...} when the text is shorter than one window. ``chunk``: :func:`token_nll`'s chunked prefill."""
     windows = eval_windows(heldout, length, max_tokens)  # (n, L)
     if len(windows) == 0:
         return {"error": f"held-out text has {len(heldout)} tokens, fewer than {length}"}
-    nll = torch.stack([token_nll(model, w) for w in windows])  # (n, L - 1)
+    nll = torch.stack([token_nll(model, w, chunk) for w in windows])  # (n, L - 1)
     return {"ppl": math.exp(nll.double().mean()), "last": math.exp(nll[:, -last_tokens:].double().mean()),
             "windows": len(windows), "last_tokens": min(last_tokens, length - 1)}
 
