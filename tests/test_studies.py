@@ -246,7 +246,8 @@ def test_recipe_variants_resume_from_per_window_cells(tmp_path, tiny_llama_dir, 
     out = tmp_path / "cells"
     forwards = []
     token_nll = long_context.token_nll
-    monkeypatch.setattr(long_context, "token_nll", lambda model, ids: forwards.append(len(ids)) or token_nll(model, ids))
+    monkeypatch.setattr(long_context, "token_nll",
+                        lambda model, ids, chunk=None: forwards.append(len(ids)) or token_nll(model, ids, chunk))
     run = ["--out", str(out), "--rows", "rerope-w16", "--lengths", "128", "--gain", "--retrofit-args", extra]
     assert study.main([*run, "--windows", "1"]) == 0
     assert forwards == [128, 32] * 2  # per corpus: the window, its last 32 tokens
