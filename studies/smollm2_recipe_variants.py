@@ -18,6 +18,7 @@ missing units; the row is loaded only when one is missing.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shlex
@@ -168,14 +169,12 @@ def load_row(row: str, plan, recipe) -> tuple[dict, Callable]:
         about = {"finetune": {**retrofit.finetune_summary(plan), "dir": str(plan.finetune_dir),
                               "overrides": VARIANTS.get(row, METHOD_ROWS.get(row))}}
         conversion = None
-    loaded: list = []
 
+    @functools.cache
     def model():
-        if not loaded:
-            with torch.enable_grad():  # a fine-tune may run here, inside the scoring's no_grad
-                loaded.append((retrofit.load_original(plan, conversion) if conversion
-                               else retrofit.load_retrofit(retrofit.finetune(plan)))[0].eval())
-        return loaded[0]
+        with torch.enable_grad():  # a fine-tune may run here, inside the scoring's no_grad
+            return (retrofit.load_original(plan, conversion) if conversion
+                    else retrofit.load_retrofit(retrofit.finetune(plan)))[0].eval()
 
     return about, model
 
