@@ -43,7 +43,7 @@ def records(out: Path) -> list[dict]:
 def counting(monkeypatch) -> list:
     """Every candidate scored (its factors), by patching the one place the loop scores."""
     calls, original = [], run.evaluate
-    monkeypatch.setattr(run, "evaluate", lambda m, objective: calls.append(1) or original(m, objective))
+    monkeypatch.setattr(run, "evaluate", lambda m, objective, done: calls.append(1) or original(m, objective, done))
     return calls
 
 
@@ -113,11 +113,11 @@ def test_a_fit_killed_mid_generation_keeps_every_candidate_it_scored(tmp_path, m
     a CPU): killed during the third of a generation of 4, the rerun scores only the third and fourth."""
     scored, original = [], run.evaluate
 
-    def killed_at_the_third(m, objective):
+    def killed_at_the_third(m, objective, done):
         if len(scored) == 2:
             raise KeyboardInterrupt
         scored.append(1)
-        return original(m, objective)
+        return original(m, objective, done)
 
     monkeypatch.setattr(run, "evaluate", killed_at_the_third)
     with pytest.raises(KeyboardInterrupt):
@@ -129,6 +129,30 @@ def test_a_fit_killed_mid_generation_keeps_every_candidate_it_scored(tmp_path, m
     assert len(calls) == 2
     fit(settings(tmp_path / "b", budget=4), model, tiny_tokenizer, progress_bar=False)
     assert records(tmp_path / "a") == records(tmp_path / "b")
+
+
+def test_the_progress_bar_moves_per_forward(tmp_path, model, tiny_tokenizer, monkeypatch):
+    """A candidate is several forwards (minutes each at 16k on a CPU): the bar moves after each, not per candidate."""
+    from hf_posenc.fit import setup
+
+    updates = []
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            updates.append(n)
+
+    monkeypatch.setattr(setup, "tqdm", Bar)
+    fit(settings(tmp_path / "a", budget=4, windows=2), model, tiny_tokenizer)
+    assert updates == [1, 1, 1, 1]  # 2 candidates x 2 windows
 
 
 @pytest.mark.parametrize("change, named", [({"target_length": 3 * OLD_LIMIT}, "target_length: 128 there, 192 here"),

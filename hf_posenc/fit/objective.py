@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -77,15 +78,21 @@ def candidate_model(original, options: dict):
 
 
 @torch.no_grad()
-def evaluate(model, objective: Objective) -> dict:
-    """{"score", "last_ppl", "needle_nll", "passkey" (accuracy), "forwards"} of one converted model."""
-    nll = torch.stack([token_nll(model, w)[-objective.last_tokens:] for w in objective.windows]).double().mean()
+def evaluate(model, objective: Objective, done: Callable[[int], Any] | None = None) -> dict:
+    """{"score", "last_ppl", "needle_nll", "passkey" (accuracy), "forwards"} of one converted model; ``done(1)``
+    after each forward (a progress bar's ``update``: a forward at 16k is minutes on a CPU)."""
+    done = done or (lambda forwards: None)
+    tails = []
+    for window in objective.windows:
+        tails.append(token_nll(model, window)[-objective.last_tokens:])
+        done(1)
+    nll = torch.stack(tails).double().mean()
     result = {"last_ppl": math.exp(float(nll)), "needle_nll": None, "passkey": None,
               "forwards": objective.forwards}
     score = float(nll)
     if objective.docs:
         length = str(objective.docs[0]["length"])
-        passkey = passkey_accuracy(model, objective.docs)
+        passkey = passkey_accuracy(model, objective.docs, done=lambda tokens: done(1))
         result.update(needle_nll=passkey[f"{length}/nll"], passkey=passkey[length])
         score += objective.needle_weight * passkey[f"{length}/nll"]
     return {"score": score, **result}

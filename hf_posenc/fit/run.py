@@ -122,10 +122,10 @@ class Search:
         resumed run, which holds some of the current generation already, draws the same)."""
         return [(r["long_factor"], r["score"]) for r in self.records if r["generation"] < generation]
 
-    def score(self, factors: list[float]) -> dict:
+    def score(self, factors: list[float], done=None) -> dict:
         options = factor_options(factors, self.scale, self.trained, self.settings)
         self.evaluated += 1
-        return evaluate(candidate_model(self.original, options), self.objective)
+        return evaluate(candidate_model(self.original, options), self.objective, done)
 
 
 def run_search(state: Search, progress, gather) -> None:
@@ -143,7 +143,8 @@ def run_search(state: Search, progress, gather) -> None:
         fresh = [f for f in drawn if search.key(f) not in replayed][:affordable]  # replayed: scored in the file
         for start in range(0, len(fresh), state.world):  # one candidate per rank, then every record is on disk
             batch = fresh[start : start + state.world]
-            mine = {start + state.rank: state.score(batch[state.rank])} if state.rank < len(batch) else {}
+            mine = ({start + state.rank: state.score(batch[state.rank], progress.update)}  # the bar: per forward
+                    if state.rank < len(batch) else {})
             results = gather(mine)  # {index: result} from every rank
             for i, factors in enumerate(batch, start):
                 record = {"generation": index, "long_factor": factors, **results[i]}
@@ -153,7 +154,8 @@ def run_search(state: Search, progress, gather) -> None:
                 replayed[search.key(factors)] = record
                 if state.rank == 0:
                     append(path, record)
-                    progress.update(cost)
+                    if i not in mine:  # another process's candidate: its forwards at once
+                        progress.update(cost)
         if state.rank == 0:
             write_results(state)
 
