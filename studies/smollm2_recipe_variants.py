@@ -77,6 +77,7 @@ def parse_args(argv):
                         help="also the context gain past 8k of the self-extension rows (dynamic: the original within "
                              "8k): last-1k perplexity with the whole window / with its last 8k tokens")
     parser.add_argument("--retrofit-args", default="", help="extra hf-posenc retrofit flags (model, data, steps)")
+    parser.add_argument("--corpora", default="", help="comma-separated held-out corpora to score (default: all)")
     parser.add_argument("--fit", default=None,
                         help=f"an hf-posenc fit folder: adds the row {FITTED!r}, rope scaled by its factors.json")
     args = parser.parse_args(argv)
@@ -203,6 +204,8 @@ def score_row(row: str, args) -> dict:
 
     with torch.no_grad():
         for corpus, path in plan.corpora.items():
+            if args.corpora and corpus not in args.corpora.split(","):
+                continue
             text = path.read_text()
             ids = torch.tensor(tokenizer(text)["input_ids"])
             digest = hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -295,8 +295,9 @@ def test_recipe_variants_score_the_factors_a_fit_found(tmp_path, tiny_llama_dir)
     pairs = config.hidden_size // config.num_attention_heads // 2
     (tmp_path / "fit").mkdir()
     (tmp_path / "fit" / "factors.json").write_text(json.dumps({"factor": 2.0, "long_factor": [2.0] * pairs}))
-    assert study.main([*run, "--fit", str(tmp_path / "fit")]) == 0
+    assert study.main([*run, "--fit", str(tmp_path / "fit"), "--corpora", "tempest"]) == 0
     row = json.loads((tmp_path / "out" / "variants-W1.json").read_text())["fitted-longrope"]
+    assert "other@128" not in row  # --corpora: only the named held-out texts
     assert row["method"] == "rope" and row["options"] == {"scaling": "longrope", "factor": 2.0, "long_factor": [2.0] * pairs}
     assert row["tempest@128"]["last"] > 1
 
