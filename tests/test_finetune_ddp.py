@@ -5,24 +5,17 @@ weights (``rank_report``): the ranks must see different batches and end with ide
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from processes import free_port, run_processes
 from tiny_models import tiny_model
 
 import hf_posenc
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_ddp_on_cpu(tmp_path, tiny_tokenizer_dir, text_path):
@@ -43,7 +36,7 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_tokenizer_dir, text_path):
         str(ROOT / "recipes" / "finetune.py"), "--config", str(config),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    done = run_processes(command, env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]

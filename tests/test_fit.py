@@ -8,13 +8,12 @@ import json
 import math
 import os
 import random
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from processes import free_port, run_processes
 from tiny_models import OLD_LIMIT, TEXT, tiny_model
 
 import hf_posenc
@@ -192,12 +191,6 @@ def test_cli_fit_and_its_bad_input_exit_2(tmp_path, tiny_llama_dir, capsys):
         assert not (tmp_path / "bad").exists()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_accelerate_processes_find_what_one_finds(tmp_path, tiny_llama_dir):
     """Rank r scores candidates r, r + 2, ...; the gathered file equals the single-process one."""
     args = ["fit", "--model", str(tiny_llama_dir), "--target-length", str(TARGET), "--data", str(TEXT),
@@ -206,7 +199,7 @@ def test_two_accelerate_processes_find_what_one_finds(tmp_path, tiny_llama_dir):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()),
               "-m", "hf_posenc.cli", *args, "--out", str(tmp_path / "two")]
-    done = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    done = run_processes(launch, env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert json.loads((tmp_path / "two" / SUMMARY).read_text())["processes"] == 2
     assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0

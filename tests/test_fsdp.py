@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_finetune_ddp import free_port
+from processes import free_port, run_processes
 
 HERE = Path(__file__).parent
 
@@ -21,7 +21,7 @@ def test_fsdp2_losses_equal_ddp_on_two_cpu_processes(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), str(HERE / "fsdp_worker.py"), str(out), *cases]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    done = run_processes(command, env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     for case in cases:

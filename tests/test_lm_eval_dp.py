@@ -17,7 +17,7 @@ pytest.importorskip("lm_eval")
 import hf_posenc  # noqa: E402
 from hf_posenc.cli import main as cli  # noqa: E402
 from hf_posenc.integrations.lm_eval_model import EvalInputError, HFPosencLM, prepare_cpu_launch  # noqa: E402
-from test_finetune_ddp import free_port  # noqa: E402
+from processes import free_port, run_processes  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -48,7 +48,7 @@ def launch_two_processes(args: list[str], report_dir: Path) -> subprocess.Comple
                "--main_process_port", str(free_port()), str(HERE / "lm_eval_dp_worker.py"), str(report_dir), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": str(HERE.parent)}
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    return run_processes(command, env)
 
 
 def results_and_samples(out: Path) -> tuple[dict, dict]:

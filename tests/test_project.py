@@ -33,3 +33,27 @@ def test_import_is_light():
                                      check=True).stdout.strip()
     baseline = run("transformers.modeling_utils, transformers.models.t5.modeling_t5")
     assert run("hf_posenc") == baseline
+
+
+def test_a_hung_launch_fails_with_every_process_stack():
+    """The multi-process tests' runner: a hang ends in a failure that shows where each process waits."""
+    import pytest
+    from processes import run_processes
+
+    child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
+            "time.sleep(60)"
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_processes([sys.executable, "-c", child], {}, timeout=3, attempts=1)
+    assert str(failure.value).count("(most recent call first)") == 2  # the launcher's stack and its child's
+
+
+def test_a_launch_that_hangs_once_is_run_again_with_a_warning(tmp_path):
+    import pytest
+    from processes import HangWarning, run_processes
+
+    marker = tmp_path / "ran"
+    once = f"import pathlib, time; p = pathlib.Path({str(marker)!r}); first = not p.exists(); p.touch(); " \
+           "time.sleep(60 if first else 0); print('done')"
+    with pytest.warns(HangWarning, match="most recent call first"):
+        done = run_processes([sys.executable, "-c", once], {}, timeout=3)
+    assert done.returncode == 0 and done.stdout == "done\n"
