@@ -45,6 +45,9 @@ def posenc_attention_forward(
     q_len, k_len = query.shape[2], key.shape[2]
     state.query_positions(kwargs.get("position_ids"))
     q_pos, k_pos = state.positions(q_len, k_len, query.device)  # (P, Lq), (P, Lk)
+    query_scales = method.query_scales(q_pos, state.memo)  # (P, 1, Lq, 1) or None
+    if query_scales is not None:
+        query = query * query_scales.to(query.dtype)
     rotates = method.rotate_in_attention and module.layer_idx not in method.shape.own_rotary_layers
     two_pass = rotates and method.term.rotation_form == "two_pass" and state.memo.get(
         ("far_pairs", q_len, k_len, causal), lambda: method.has_far_pairs(q_pos, k_pos, causal))

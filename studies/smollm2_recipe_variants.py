@@ -48,6 +48,8 @@ TRAINING_FREE_VARIANTS: dict[str, dict] = {  # row -> method options on top of t
 # dynamic: the original inside the trained 8k, the far positions past it
 TRAINING_FREE_METHODS: dict[str, tuple[str, dict]] = {
     "self-extend-w4096-g8": ("self_extend", {"window": 4096, "group": 8, "dynamic": True}),
+    # log-n attention past 8k: each query at position p scaled by ln(p + 1) / ln(8192) (1.077 at 16k)
+    "self-extend-w4096-g8-logn": ("self_extend", {"window": 4096, "group": 8, "dynamic": True, "logn": True}),
     "self-extend-w2048-g8": ("self_extend", {"window": 2048, "group": 8, "dynamic": True}),
     "rerope-w4096": ("rerope", {"window": 4096, "dynamic": True}),
     "rerope-leaky-w4096-k8": ("rerope", {"window": 4096, "leaky": 8.0, "dynamic": True}),

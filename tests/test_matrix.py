@@ -41,6 +41,7 @@ METHOD_CASES = {
     "self_extend": {"window": 12, "group": 3},
     "rerope": {"window": 12},
     "rerope-leaky": {"window": 12, "leaky": 3.0},
+    "self_extend-logn": {"window": 12, "group": 3, "logn": True},
 }
 CAUSAL = [f for f in FAMILIES if not is_encoder(f)]
 ENCODERS = [f for f in FAMILIES if is_encoder(f)]

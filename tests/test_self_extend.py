@@ -5,6 +5,7 @@ position ids, save / reload, past the old limit, runs them as rows of tests/test
 
 from __future__ import annotations
 
+import math
 import types
 
 import pytest
@@ -59,31 +60,40 @@ def reference(name, options, q, k, v, q_pos, k_pos, causal: bool) -> torch.Tenso
                     scores.append(float("-inf"))
                     continue
                 pi, pj = (i, j) if abs(d) < options.window else far_pair(name, options, i, j, 1 if d > 0 else -1)
-                scores.append(float(rotated(q[h, a], pi) @ rotated(k[h, b], pj)) * DIM ** -0.5)
+                scores.append(float(rotated(q[h, a], pi) @ rotated(k[h, b], pj)) * DIM ** -0.5 * logn(options, i))
             weights = torch.softmax(torch.tensor(scores, dtype=torch.float64), dim=0)
             out[h, a] = weights @ v[h].double()
     return out
+
+
+def logn(options, i: float) -> float:
+    """Log-n attention's factor of the query at position i (1 without ``logn``)."""
+    return max(1.0, math.log(i + 1) / math.log(options.original_max_positions)) if options.logn else 1.0
 
 
 CASES = [
     ("self_extend", SelfExtend, SelfExtendOptions(theta=THETA, window=5, group=3)),
     ("rerope", ReRope, ReRopeOptions(theta=THETA, window=5)),
     ("rerope", ReRope, ReRopeOptions(theta=THETA, window=5, leaky=2.5)),
+    ("self_extend", SelfExtend, SelfExtendOptions(theta=THETA, window=5, group=3, logn=True)),
 ]
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("name, cls, options", CASES, ids=["self_extend", "rerope", "rerope-leaky"])
+@pytest.mark.parametrize("name, cls, options", CASES, ids=["self_extend", "rerope", "rerope-leaky", "self_extend-logn"])
 def test_the_kernel_equals_the_definition_pair_by_pair(name, cls, options, causal):
-    """Gapped, shifted positions (as after a cache or with PoSE ids), 7 queries against 19 keys."""
+    """Gapped, shifted positions (as after a cache or with PoSE ids), 7 queries against 19 keys, the last queries
+    past the trained context (64, where log-n attention starts)."""
     method = cls(options.resolve(shape(causal)), shape(causal))
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, HEADS, n, DIM) for n in (7, 19, 19))
-    k_pos = torch.cat([torch.arange(0, 24, 2), torch.arange(30, 37)])[None]  # (1, 19)
+    k_pos = torch.cat([torch.arange(0, 24, 2), torch.arange(30, 37)])[None] + 40  # (1, 19), positions 40 ... 76
     q_pos = k_pos[:, -7:]
     module = types.SimpleNamespace(num_key_value_groups=1, training=False, layer_idx=0)
     mask = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None] if causal else None  # as transformers passes it
-    call = dispatch.KernelCall(module, method, q, k, v, mask, 0.0, DIM ** -0.5, causal, q_pos, k_pos,
+    scales = method.query_scales(q_pos)
+    scaled = q if scales is None else q * scales  # as the attention forward hands every kernel its query
+    call = dispatch.KernelCall(module, method, scaled, k, v, mask, 0.0, DIM ** -0.5, causal, q_pos, k_pos,
                                ForwardState(method))
     out, _ = two_pass.two_pass_attention(call)  # (1, Lq, H, D)
     expected = reference(name, method.options, q[0], k[0], v[0], q_pos[0], k_pos[0], causal)
@@ -92,7 +102,7 @@ def test_the_kernel_equals_the_definition_pair_by_pair(name, cls, options, causa
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3"])
 @pytest.mark.parametrize("method, options", [("self_extend", {"group": 4}), ("rerope", {}),
-                                             ("rerope", {"leaky": 2.0})])
+                                             ("rerope", {"leaky": 2.0}), ("self_extend", {"group": 4, "logn": True})])
 def test_inside_the_window_the_model_is_the_original(family, method, options):
     """Every distance below W: the unconverted model's logits (its own RoPE, theta and all)."""
     original = tiny_model(family).eval()
@@ -166,6 +176,7 @@ def test_default_window_and_group_follow_the_papers_rule():
     ("self_extend", {"window": 8, "group": 0}, "group"),
     ("rerope", {"window": 2 * OLD_LIMIT}, "window"),
     ("rerope", {"leaky": 1.0}, "leaky"),
+    ("self_extend", {"logn": 1}, "logn"),
     ("self_extend", {"scaling": "dynamic", "factor": 2.0}, "scaling"),
 ])
 def test_bad_options_are_refused_before_the_model_changes(method, options, message):

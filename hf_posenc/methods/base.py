@@ -294,6 +294,11 @@ class PositionMethod(nn.Module):
     def rotate(self, q, k, q_pos, k_pos, memo=None):
         raise NotImplementedError
 
+    def query_scales(self, q_pos, memo=None):
+        """(P, 1, Lq, 1) factors that multiply each query (every score of its row: log-n attention), or None: none.
+        Read by the attention forward before any kernel, so every kernel, cache and decode step sees them."""
+        return None
+
     def score_bias(self, q_pos, k_pos):
         raise NotImplementedError
 

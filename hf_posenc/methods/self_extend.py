@@ -44,11 +44,16 @@ class ExtendedRopeOptions(RopeOptions):
         False, "True: far positions only for inputs whose longest position reaches past the trained context (inside "
         "it the model is exactly the original, as Dynamic YaRN); False: for every pair at distance >= W"
     )
+    logn: bool = help_field(
+        False, "True: log-n attention, each query at position p scaled by max(1, ln(p + 1) / ln(L_train)) (every "
+        "score of a query past the trained context sharpens as the context grows; 1 inside it)"
+    )
 
     def validate(self, shape=None):
         super().validate(shape)
-        if not isinstance(self.dynamic, bool):
-            raise ValueError(f"option 'dynamic' must be True or False, got {self.dynamic!r}")
+        for name in ("dynamic", "logn"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
         if self.scaling not in STATIC_SCALINGS:
             raise ValueError(f"option 'scaling'={self.scaling!r}: the far positions already extend the context; "
                              f"combine with one of {[s for s in STATIC_SCALINGS if s]} or none")
@@ -68,8 +73,9 @@ class ExtendedRopeOptions(RopeOptions):
         return self.window or max(1, (self.original_max_positions or shape.original_max_positions) // WINDOW_SHARE)
 
     def base_resolved(self, shape) -> dict:
-        """RopeOptions.resolve's fields as a dict (theta and trained context filled in)."""
-        return RopeOptions.resolve(self, shape).to_dict()
+        """RopeOptions.resolve's fields and this class's as a dict (theta, trained context and window filled in)."""
+        return {**RopeOptions.resolve(self, shape).to_dict(), "window": self.resolved_window(shape),
+                "dynamic": self.dynamic, "logn": self.logn}
 
 
 @dataclass
@@ -88,8 +94,7 @@ class SelfExtendOptions(ExtendedRopeOptions):
         window = self.resolved_window(shape)
         group = self.group or default_group(window, shape.max_positions or shape.original_max_positions,
                                             self.original_max_positions or shape.original_max_positions)
-        return SelfExtendOptions(**{**self.base_resolved(shape), "window": window, "dynamic": self.dynamic,
-                                    "group": group})
+        return SelfExtendOptions(**{**self.base_resolved(shape), "group": group})
 
 
 def default_group(window: int, target: int, trained: int) -> int:
@@ -110,8 +115,7 @@ class ReRopeOptions(ExtendedRopeOptions):
             check_range("leaky", self.leaky, 1.0 + 1e-9)
 
     def resolve(self, shape) -> "ReRopeOptions":
-        return ReRopeOptions(**{**self.base_resolved(shape), "window": self.resolved_window(shape),
-                                "dynamic": self.dynamic, "leaky": self.leaky})
+        return ReRopeOptions(**{**self.base_resolved(shape), "leaky": self.leaky})
 
 
 class ExtendedRope(Rope):
@@ -142,6 +146,18 @@ class ExtendedRope(Rope):
         """(query positions (P, Lq), key positions (P, Lk)) of the far pairs after (``sign`` 1: d >= W) or before
         (-1: d <= -W) the query."""
         raise NotImplementedError
+
+    def query_scales(self, q_pos: torch.Tensor, memo: Memo | None = None) -> torch.Tensor | None:
+        """Log-n attention (``logn``): (P, 1, Lq, 1) max(1, ln(p + 1) / ln(L_train)) per query position p; None
+        without it. A query's own position only: a decode step is scaled as in the full forward."""
+        if not self.options.logn:
+            return None
+
+        def build():
+            trained = self.options.original_max_positions
+            return ((q_pos.double() + 1).log() / math.log(trained)).clamp_min(1.0).float()[:, None, :, None]
+
+        return shared(memo, ("logn", tuple(q_pos.shape), q_pos.device), build)
 
     def has_far_pairs(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> bool:
         """Whether any pair of this call is scored at far positions (an over-estimate is exact: a pair is far only
