@@ -25,6 +25,7 @@ MODEL = "smollm2-135m"  # an hf_posenc.sources name: fetched from PyPI into the 
 ROWS: dict[str, str] = {  # row -> --model_args beside pretrained= and max_length=
     "original": "",
     "self-extend-w4096-g8": "posenc=self_extend,window=4096,group=8,dynamic=True",  # the retrofit's choice (§2e)
+    "self-extend-w4096-g8-logn": "posenc=self_extend,window=4096,group=8,dynamic=True,logn=True",  # + log-n attention
     "dynamic-yarn-x4": "posenc=rope,scaling=dynamic_yarn,factor=4.0",
 }
 TASKS = ("niah_single_1", "niah_multikey_2")
