@@ -48,8 +48,8 @@ RECIPES: dict[str, Recipe] = {
                  "and the best training-free scaling past it (its scale grown 1.5x faster past 8k finds the 16k "
                  "passkey as often as dynamic NTK); Self-Extend (W = 4096, G 8) and ReRoPE (W 4096), also the "
                  "original inside 8k, do better past it (section 2e); log-n attention past 8k lifts Self-Extend's "
-                 "passkey at 16k from 0.80 to 0.90 at the same perplexity (section 2e); YaRN's attention "
-                 "temperature and the conversion are chosen on the training text",
+                 "passkey at 16k from 0.80 to 0.90 for 0.2 % of training-text perplexity (section 2e); YaRN's "
+                 "attention temperature and the conversion are chosen on the training text",
         training_free=True, original_inside=True, select={"mscale": [1.0, 0.5], "growth": [1.5]},
         alternatives=(("self_extend", {"group": 8, "dynamic": True, "logn": True}),  # window: trained context / 2
                       ("rerope", {"dynamic": True})),
