@@ -45,10 +45,11 @@ def posenc_attention_forward(
     q_len, k_len = query.shape[2], key.shape[2]
     state.query_positions(kwargs.get("position_ids"))
     q_pos, k_pos = state.positions(q_len, k_len, query.device)  # (P, Lq), (P, Lk)
-    query_scales = method.query_scales(q_pos, state.memo)  # (P, 1, Lq, 1) or None
+    own_positions = module.layer_idx in method.shape.own_rotary_layers  # Gemma 3's sliding layers: untouched
+    query_scales = None if own_positions else method.query_scales(q_pos, state.memo)  # (P, 1, Lq, 1) or None
     if query_scales is not None:
         query = query * query_scales.to(query.dtype)
-    rotates = method.rotate_in_attention and module.layer_idx not in method.shape.own_rotary_layers
+    rotates = method.rotate_in_attention and not own_positions
     two_pass = rotates and method.term.rotation_form == "two_pass" and state.memo.get(
         ("far_pairs", q_len, k_len, causal), lambda: method.has_far_pairs(q_pos, k_pos, causal))
     if rotates and not two_pass:  # a two-pass kernel rotates itself

@@ -112,6 +112,17 @@ def test_inside_the_window_the_model_is_the_original(family, method, options):
         torch.testing.assert_close(model(x).logits, original(x).logits, atol=1e-5, rtol=0)
 
 
+def test_log_n_leaves_gemma3_sliding_layers_alone():
+    """Gemma 3's sliding layers keep their own rotary and see at most their window of keys: log-n scales only the
+    full-attention layer's queries (layer 0 slides, layer 1 is full)."""
+    x = ids(1, 3 * OLD_LIMIT)
+    with torch.no_grad():
+        plain, logn = (hf_posenc.convert(tiny_model("gemma3").eval(), "self_extend", window=12, group=3, logn=flag)
+                       (x, output_hidden_states=True).hidden_states for flag in (False, True))
+    assert torch.equal(plain[1], logn[1])  # after the sliding layer
+    assert not torch.allclose(plain[2], logn[2], atol=1e-3)  # after the full one
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("case", ["self_extend", "rerope", "rerope-leaky"])
 def test_the_flash_fast_path_equals_the_general_kernel(family, case, kernels_seen):
